@@ -1,0 +1,46 @@
+"""kwf: durable workflows as ordinary Python ``async def``, run by a Bytewax dataflow on Kafka.
+
+>>> import kwf
+>>> @kwf.workflow("doc-greet")
+... async def greet(arg):
+...     name = await kwf.suspend("name")
+...     return f"hello {name}"
+>>> from kwf.testing import Engine
+>>> eng = Engine(workflows=[greet])
+>>> _ = eng.send("t1", "new:{}")
+>>> _ = eng.send("t1", '{"ref": "name", "value": "Ada"}')
+>>> eng.result("t1")
+'hello Ada'
+"""
+
+from kwf import config, registry
+from kwf.api import (Suspend, all, as_completed, cancel, first, gather, now, output, output_json,
+                     race, random, rng, step_id, suspend, thread_id, uuid4, wait)
+from kwf.errors import NonDeterminismError, RemoteError, WorkflowNotAvailable
+from kwf.registry import workflow
+
+__all__ = [
+    "NonDeterminismError",
+    "RemoteError",
+    "Suspend",
+    "WorkflowNotAvailable",
+    "all",
+    "as_completed",
+    "cancel",
+    "config",
+    "first",
+    "gather",
+    "now",
+    "output",
+    "output_json",
+    "race",
+    "random",
+    "registry",
+    "rng",
+    "step_id",
+    "suspend",
+    "thread_id",
+    "uuid4",
+    "wait",
+    "workflow",
+]

@@ -1,0 +1,114 @@
+"""Settings: the workflow-level topic declarations and the engine's environment.
+
+Two kinds of configuration live here. Workflow modules declare the topics they write to by
+mutating the module-level ``output_topics`` set (the seed's ``W.config.outputTopics``), so that
+``kwf.config.output_topics |= {"saga-reserve-car"}`` reads as it does in the seed. The engine's
+own settings come from ``KWF_*`` environment variables, read once into a frozen ``Settings``;
+nothing here talks to Kafka.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Mapping
+
+output_topics: set[str] = set()
+"""Topics workflow code may write to with ``kwf.output``; workflow modules add to it on import."""
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The engine's settings; every field has an environment variable ``KWF_<FIELD>``.
+
+    Defaults are those of the seed's protocol (DESIGN section 4), so that a seed producer or
+    consumer talks to kwf unchanged.
+    """
+
+    brokers: str = "127.0.0.1:9092"
+    workflows: tuple[str, ...] = ("workflows",)
+    default_workflow: str | None = None
+    resume_topic: str = "workflow-resume"
+    scheduler_topic: str = "workflow-scheduler"
+    result_topic: str = "workflow-result"
+    error_topic: str = "workflow-error"
+    events_topic: str = "workflow-events"
+    dlq_topic: str = "workflow-dlq"
+    max_payload_bytes: int = 1_000_000
+    max_live: int = 10_000
+    tombstone_retention_s: float = 7 * 24 * 3600.0
+    batch_size: int = 100
+    kafka_properties: Path | None = None
+    partitions: int = 3
+    replication: int = 1
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read ``KWF_*`` variables; unset ones keep their defaults."""
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(f"KWF_{f.name.upper()}")
+            if raw is None or f.name == "extra":
+                continue
+            default = getattr(cls, f.name, None)
+            if f.name == "workflows":
+                values[f.name] = _split(raw)
+            elif f.name == "kafka_properties":
+                values[f.name] = Path(raw) if raw else None
+            elif f.name == "default_workflow":
+                values[f.name] = raw or None
+            elif isinstance(default, bool):
+                values[f.name] = raw.lower() in ("1", "true", "yes")
+            elif isinstance(default, int):
+                values[f.name] = int(raw)
+            elif isinstance(default, float):
+                values[f.name] = float(raw)
+            else:
+                values[f.name] = raw
+        return cls(**values)  # type: ignore[arg-type]
+
+    def kafka_config(self) -> dict[str, str]:
+        """librdkafka settings: ``bootstrap.servers`` plus the optional properties file.
+
+        The file (Java properties syntax, as the seed's second argument) is how TLS and SASL
+        settings reach every client the engine creates.
+        """
+        conf = {"bootstrap.servers": self.brokers}
+        if self.kafka_properties is not None:
+            conf.update(read_properties(self.kafka_properties))
+        conf.update(self.extra)
+        return conf
+
+    @property
+    def engine_topics(self) -> tuple[str, ...]:
+        """The topics the engine itself reads or writes, whatever the workflows."""
+        return (
+            self.resume_topic,
+            self.scheduler_topic,
+            self.result_topic,
+            self.error_topic,
+            self.events_topic,
+            self.dlq_topic,
+        )
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    """Parse a Java-style ``key=value`` properties file (``#``/``!`` comments, ``:`` also ok)."""
+    conf: dict[str, str] = {}
+    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line[0] in "#!":
+            continue
+        sep = min((i for i in (line.find("="), line.find(":")) if i >= 0), default=-1)
+        if sep < 0:
+            msg = f"{path}:{lineno}: expected key=value, got {line!r}"
+            raise ValueError(msg)
+        conf[line[:sep].strip()] = line[sep + 1 :].strip()
+    return conf

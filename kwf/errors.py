@@ -1,0 +1,36 @@
+"""The exceptions kwf raises, in a module of their own so that every other module can import them."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+class RemoteError(Exception):
+    """Raised at an ``await`` that was resumed with ``{"ref": ..., "error": payload}``.
+
+    ``payload`` is the JSON value exactly as the other service sent it; ``str(error)`` is the
+    payload itself when it is a string, else its JSON text, so ``workflow-error`` records read
+    as the seed's did (``"\\"timeout\\""``).
+    """
+
+    def __init__(self, payload: Any) -> None:
+        super().__init__(payload)
+        self.payload = payload
+
+    def __str__(self) -> str:
+        if isinstance(self.payload, str):
+            return self.payload
+        return json.dumps(self.payload, sort_keys=True)
+
+
+class NonDeterminismError(RuntimeError):
+    """Replaying a thread's journal did not reproduce what the journal recorded.
+
+    The workflow code changed (or reads something outside kwf's control) since the thread
+    started; the thread is parked as ``failed`` rather than continued from a wrong state.
+    """
+
+
+class WorkflowNotAvailable(RuntimeError):
+    """Workflow code asked for something a deterministic workflow cannot have (I/O, threads)."""

@@ -1,0 +1,292 @@
+"""One live run of a workflow thread: start it, apply an event, rebuild it from its journal.
+
+An ``Instance`` owns a ``WorkflowLoop`` and the coroutine of ``main``. Each step sets the
+logical time, settles what the event names, runs the loop until the workflow waits again, and
+returns the step's records. Live, it appends the event and a check of what the step produced to
+the journal; replaying, it suppresses outputs and compares the check instead, so that code that
+changed since the journal was written is caught (``NonDeterminismError``) instead of resumed in
+a wrong state. It never talks to Kafka and never reads the wall clock.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import zlib
+from typing import Any, Iterable
+
+import structlog
+
+from kwf import config
+from kwf.api import Suspend
+from kwf.config import Settings
+from kwf.errors import NonDeterminismError, RemoteError
+from kwf.journal import (CANCEL, CANCELLED, COMPLETED, ERROR, FAILED, RESUME, RUNNING, TIMER,
+                         Check, Event, Journal)
+from kwf.loop import WorkflowLoop, _Future
+from kwf.protocol import Record, output_record
+from kwf.registry import Workflow
+
+log = structlog.get_logger("kwf.instance")
+
+
+class Instance:
+    """The live coroutine of one thread, with its loop, pending suspends and counters."""
+
+    def __init__(self, workflow: Workflow, journal: Journal, settings: Settings,
+                 replaying: bool = False) -> None:
+        self.workflow = workflow
+        self.journal = journal
+        self.settings = settings
+        self.thread_id = journal.thread
+        self.loop = WorkflowLoop(journal.started, journal.thread)
+        self.loop.instance = self
+        self.rng = random.Random(zlib.crc32(f"{journal.thread}/{journal.base_step}".encode()))
+        self.pending: dict[str, _Future] = {}
+        self.step = journal.base_step
+        self.seq = journal.base_seq
+        self.status = RUNNING
+        self.replaying = replaying
+        self.disposed = False
+        self._n = 0
+        self._out: list[Record] = []
+        self._count = 0
+        self._crc = 0
+        self._topics: list[str] = []
+        self._result: str | None = None
+        self.main = self.loop.create_task(self._main(journal.arg))
+
+    async def _main(self, arg: Any) -> Any:
+        return await self.workflow.fn(arg)
+
+    # -- building ------------------------------------------------------------------------
+    @classmethod
+    def start(cls, workflow: Workflow, journal: Journal, settings: Settings) -> tuple[Instance, list[Record]]:
+        """Run a new thread's first step (``journal`` holds no events yet)."""
+        inst = cls(workflow, journal, settings)
+        inst._begin(journal.started)
+        inst.loop.run_until_idle()
+        return inst, inst._commit(None)
+
+    @classmethod
+    def rebuild(cls, workflow: Workflow, journal: Journal, settings: Settings) -> Instance:
+        """Re-create the live coroutine by replaying the journal, outputs suppressed.
+
+        Raises ``NonDeterminismError`` (after disposing of the half-built instance) when a step
+        does not reproduce what the journal recorded.
+        """
+        inst = cls(workflow, journal, settings, replaying=True)
+        try:
+            inst._begin(journal.started)
+            inst.loop.run_until_idle()
+            inst._commit(None)
+            inst._verify(journal.checks[0], "start")
+            for event, check in zip(journal.events, journal.checks[1:]):
+                if not inst._settle(event):
+                    inst._diverged(f"the journal applied {_describe(event)}, but the code has "
+                                   "nothing waiting for it")
+                inst.loop.run_until_idle()
+                inst._commit(event)
+                inst._verify(check, _describe(event))
+        except BaseException:
+            inst.dispose()
+            raise
+        inst.replaying = False
+        return inst
+
+    # -- applying --------------------------------------------------------------------------
+    def apply(self, event: Event) -> list[Record] | None:
+        """Apply one event live; None when nothing waits for it (stale: nothing changes)."""
+        if not self._settle(event):
+            return None
+        self.loop.run_until_idle()
+        return self._commit(event)
+
+    def _settle(self, event: Event) -> bool:
+        kind, time, ref, payload = event
+        if kind in (RESUME, ERROR):
+            future = self.pending.get(ref)
+            if future is None or future.done():
+                return False
+        elif kind == TIMER:
+            due = self.loop.next_timer()
+            if due is None or due > time:
+                return False
+        elif self.main.done():  # CANCEL
+            return False
+        self.step += 1
+        self._begin(time)
+        if kind == RESUME:
+            future.set_result(payload)
+        elif kind == ERROR:
+            future.set_exception(RemoteError(payload))
+        elif kind == TIMER:
+            self.loop.fire_timers(time)
+        else:
+            self.main.cancel(payload)
+        return True
+
+    def _begin(self, time: float) -> None:
+        self.loop.set_time(time)
+        self._n = 0
+        self._out = []
+        self._count = 0
+        self._crc = 0
+        self._topics = []
+
+    def _commit(self, event: Event | None) -> list[Record]:
+        """End the step: finish if main ended, tidy, emit the status record, journal the step."""
+        if self.main.done() and self.status == RUNNING:
+            self._finish()
+        if any(f.done() for f in self.pending.values()):
+            self.pending = {k: f for k, f in self.pending.items() if not f.done()}
+        self.loop.tasks = [t for t in self.loop.tasks if not t.done()]
+        timers = tuple(self.loop.timer_dues()) if self.status == RUNNING else ()
+        self._emit(self.settings.events_topic, self.thread_id, self._status_json(timers))
+        if not self.replaying:
+            j = self.journal
+            if event is not None:
+                j.events.append(event)
+            j.checks.append(self._check())
+            j.step, j.seq, j.time, j.status, j.timers, j.result = (
+                self.step, self.seq, self.loop.time(), self.status, timers, self._result)
+        return self._out
+
+    def _check(self) -> Check:
+        return (self._count, self._crc, tuple(self.pending))
+
+    def _finish(self) -> None:
+        """Main ended: cancel what it left running, close the rest, then send the result."""
+        for task in self.loop.tasks:
+            if task is not self.main and not task.done():
+                task.cancel()
+        self.loop.run_until_idle()
+        self._close_tasks()
+        main = self.main
+        if main.cancelled():
+            self.status = CANCELLED
+            return
+        error = main.exception()
+        if error is None:
+            try:
+                value = json.dumps(main.result())
+            except (TypeError, ValueError) as e:
+                error = TypeError(f"the workflow's result is not JSON: {e}")
+            else:
+                self.status = COMPLETED
+                self._result = value
+                self._emit(self.settings.result_topic, self.thread_id, value)
+                return
+        self.status = FAILED
+        text = json.dumps(str(error))
+        self._result = text
+        self._emit(self.settings.error_topic, self.thread_id, text,
+                   (("kwf-error-type", type(error).__qualname__),))
+        log.info("workflow_failed", thread=self.thread_id, workflow=self.workflow.name,
+                 step=self.step, error=str(error), error_type=type(error).__qualname__)
+
+    # -- what workflow code calls ----------------------------------------------------------
+    def suspend(self, id: str | None) -> Suspend:
+        if id is None:
+            self._n += 1
+            id = f"{self.step}:{self._n}"
+        else:
+            previous = self.pending.get(id)
+            if previous is not None and not previous.done():
+                msg = (f"thread {self.thread_id!r} step {self.step}: suspend id {id!r} is still "
+                       "pending; await or cancel it before suspending on it again")
+                raise ValueError(msg)
+        future = _Future(loop=self.loop)
+        self.pending[id] = future
+        return Suspend(id, future)
+
+    def output(self, value: str | None, topic: str, key: str | None,
+               headers: Iterable[tuple[str, str]] | None) -> None:
+        if self.disposed:
+            log.debug("output_dropped_after_disposal", thread=self.thread_id, topic=topic)
+            return
+        if topic not in config.output_topics:
+            msg = (f"kwf.output to {topic!r} from thread {self.thread_id!r}: the topic is not "
+                   f"declared; add it with kwf.config.output_topics |= {{{topic!r}}}")
+            raise ValueError(msg)
+        if value is not None and not isinstance(value, str):
+            msg = (f"kwf.output value must be str or None, got {type(value).__name__}; "
+                   "use kwf.output_json for other values")
+            raise TypeError(msg)
+        self._emit(topic, self.thread_id if key is None else key, value,
+                   tuple(headers) if headers else ())
+
+    def _emit(self, topic: str, key: str, value: str | None,
+              extra: tuple[tuple[str, str], ...] = ()) -> None:
+        self.seq += 1
+        self._count += 1
+        self._crc = zlib.crc32(f"{topic}\0{key}\0{value!r}".encode(), self._crc)
+        if self.replaying:
+            self._topics.append(topic)
+        else:
+            self._out.append(output_record(topic, key, value, thread=self.thread_id,
+                                           seq=self.seq, step=self.step,
+                                           time=self.loop.time(), extra=extra))
+
+    def _status_json(self, timers: tuple[float, ...]) -> str:
+        return json.dumps({
+            "thread": self.thread_id, "workflow": self.workflow.name, "status": self.status,
+            "step": self.step, "pending": list(self.pending) if self.status == RUNNING else [],
+            "timers": list(timers), "updated": self.loop.time(),
+        })
+
+    # -- replay checks ---------------------------------------------------------------------
+    def _verify(self, recorded: Check, what: str) -> None:
+        if self._check() == recorded:
+            return
+        count, _, pending = recorded
+        self._diverged(
+            f"after {what} the journal recorded {count} outputs and pending {list(pending)}; "
+            f"the code now made {self._count} outputs (to {self._topics}) and pending "
+            f"{list(self.pending)}")
+
+    def _diverged(self, what: str) -> None:
+        fingerprint = self.journal.fingerprint
+        changed = ("the code changed since the thread started" if fingerprint !=
+                   self.workflow.fingerprint else "the code reads something replay cannot repeat")
+        msg = (f"thread {self.thread_id!r} step {self.step}: replay of {self.workflow.location} "
+               f"diverged: {what} ({changed}; journal fingerprint {fingerprint}, code "
+               f"{self.workflow.fingerprint})")
+        raise NonDeterminismError(msg)
+
+    # -- disposal --------------------------------------------------------------------------
+    def _close_tasks(self) -> None:
+        """Close every unfinished coroutine now, newest first, with outputs dropped."""
+        dropping, self.disposed = self.disposed, True
+        with self.loop.running():
+            for task in reversed(self.loop.tasks):
+                if task.done():
+                    continue
+                task._log_destroy_pending = False  # type: ignore[attr-defined]
+                try:
+                    task.get_coro().close()  # type: ignore[union-attr]
+                except BaseException as e:  # a finally that awaits, or raises
+                    log.warning("workflow_close_error", thread=self.thread_id,
+                                error=repr(e), task=task.get_name())
+        self.disposed = dropping
+        alive = [t for t in self.loop.tasks
+                 if not t.done() and getattr(t.get_coro(), "cr_frame", None) is not None]
+        if alive:
+            msg = (f"thread {self.thread_id!r}: {len(alive)} coroutines still alive after "
+                   f"disposal: {[t.get_name() for t in alive]}")
+            raise RuntimeError(msg)
+        self.loop.tasks = []
+
+    def dispose(self) -> None:
+        """Close the coroutines now, so no ``finally`` runs later under another thread."""
+        if self.disposed:
+            return
+        self._close_tasks()
+        self.disposed = True
+        self.pending.clear()
+        self.loop.close()
+
+
+def _describe(event: Event) -> str:
+    kind, time, ref, _ = event
+    return f"{kind} {ref!r} at {time}" if ref is not None else f"{kind} at {time}"

@@ -1,0 +1,244 @@
+"""The deterministic event loop that one workflow thread runs on.
+
+Everything a replay must reproduce is decided here: callbacks run in FIFO order, time is the
+logical time the instance sets (never the wall clock), timers are recorded rather than slept,
+and tasks and futures hash by a per-loop creation counter, so that the sets CPython keeps
+inside ``asyncio.wait`` and ``TaskGroup`` iterate in the same order in every process. The loop
+does no I/O: every I/O method raises ``WorkflowNotAvailable`` naming the workflow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import heapq
+import itertools
+from asyncio import events, tasks
+from collections import deque
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import structlog
+
+from kwf.errors import WorkflowNotAvailable
+
+log = structlog.get_logger("kwf.loop")
+
+
+class _Future(asyncio.Future):  # type: ignore[type-arg]
+    """A future whose hash is its creation number in the loop, not its memory address."""
+
+    def __init__(self, *, loop: WorkflowLoop) -> None:
+        self._kwf_n = next(loop._counter)  # before __init__: asyncio may hash it there
+        super().__init__(loop=loop)
+
+    def __hash__(self) -> int:
+        return self._kwf_n
+
+
+class _Task(asyncio.Task):  # type: ignore[type-arg]
+    """A task whose hash is its creation number, for the same reason as ``_Future``."""
+
+    def __init__(self, coro: Any, *, loop: WorkflowLoop, **kwargs: Any) -> None:
+        self._kwf_n = next(loop._counter)  # asyncio adds the task to a WeakSet in __init__
+        super().__init__(coro, loop=loop, **kwargs)
+
+    def __hash__(self) -> int:
+        return self._kwf_n
+
+
+class WorkflowLoop(asyncio.AbstractEventLoop):
+    """An asyncio loop for one workflow thread: FIFO, logical time, no I/O.
+
+    The owner drives it: ``run_until_idle()`` runs ready callbacks until none is left,
+    ``fire_timers(t)`` moves the clock to ``t`` and readies every timer due by then.
+    """
+
+    def __init__(self, start_time: float, owner: str) -> None:
+        self._ready: deque[asyncio.Handle] = deque()
+        self._timers: list[tuple[float, int, asyncio.TimerHandle]] = []
+        self._time = start_time
+        self._counter = itertools.count()
+        self._owner = owner
+        self._closed = False
+        self._running = False
+        self._eager: list[asyncio.Handle] | None = None
+        self.tasks: list[_Task] = []
+        """Every task created on this loop, in creation order (disposal walks it)."""
+        self.instance: Any = None
+        """The ``Instance`` this loop runs; ``kwf.suspend()`` and friends find it here."""
+
+    # -- what asyncio calls -------------------------------------------------------------
+    def time(self) -> float:
+        return self._time
+
+    def call_soon(self, callback: Callable[..., Any], *args: Any,
+                  context: contextvars.Context | None = None) -> asyncio.Handle:
+        handle = asyncio.Handle(callback, args, self, context)
+        if self._eager is not None:  # the first step of an eagerly started task
+            self._eager.append(handle)
+        else:
+            self._ready.append(handle)
+        return handle
+
+    def call_later(self, delay: float, callback: Callable[..., Any], *args: Any,
+                   context: contextvars.Context | None = None) -> asyncio.TimerHandle:
+        return self.call_at(self._time + delay, callback, *args, context=context)
+
+    def call_at(self, when: float, callback: Callable[..., Any], *args: Any,
+                context: contextvars.Context | None = None) -> asyncio.TimerHandle:
+        handle = asyncio.TimerHandle(when, callback, args, self, context)
+        heapq.heappush(self._timers, (when, next(self._counter), handle))
+        return handle
+
+    def _timer_handle_cancelled(self, handle: asyncio.TimerHandle) -> None:
+        """Cancelled timers stay in the heap and are skipped; nothing to do now."""
+
+    def create_future(self) -> asyncio.Future[Any]:
+        return _Future(loop=self)
+
+    def create_task(self, coro: Any, *, name: str | None = None,
+                    context: contextvars.Context | None = None) -> asyncio.Task[Any]:
+        task = _Task(coro, loop=self, name=name, context=context)
+        self.tasks.append(task)
+        return task
+
+    def start_eagerly(self, coro: Any) -> asyncio.Task[Any]:
+        """Create a task and run it to its first suspension now, as a JavaScript call does.
+
+        This is how ``kwf.all([a(), b()])`` gives ``a`` its suspend ids before ``b``.
+        """
+        self._eager = captured = []
+        try:
+            task = self.create_task(coro)
+        finally:
+            self._eager = None
+        current = tasks.current_task(self) if self._running else None
+        if current is not None:
+            tasks._leave_task(self, current)  # type: ignore[attr-defined]
+        try:
+            for handle in captured:
+                handle._run()
+        finally:
+            if current is not None:
+                tasks._enter_task(self, current)  # type: ignore[attr-defined]
+        return task
+
+    def is_running(self) -> bool:
+        return self._running
+
+    def is_closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        self._closed = True
+        self._ready.clear()
+        self._timers.clear()
+
+    def get_debug(self) -> bool:
+        return False
+
+    def call_exception_handler(self, context: dict[str, Any]) -> None:
+        # Reached for "exception never retrieved" and the like: worth a log line, no more.
+        log.debug("asyncio_exception", thread=self._owner, message=context.get("message"))
+
+    def default_exception_handler(self, context: dict[str, Any]) -> None:
+        self.call_exception_handler(context)
+
+    # -- what the instance calls --------------------------------------------------------
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """Make this the running loop of the calling OS thread for the duration.
+
+        Restores whatever loop was running before, so an Engine works inside a notebook,
+        whose own asyncio loop is running.
+        """
+        previous = events._get_running_loop()
+        events._set_running_loop(self)
+        self._running = True
+        try:
+            yield
+        finally:
+            self._running = False
+            events._set_running_loop(previous)
+
+    def run_until_idle(self) -> None:
+        """Run ready callbacks, FIFO, until nothing is ready (the workflow is waiting)."""
+        ready = self._ready
+        with self.running():
+            while ready:
+                handle = ready.popleft()
+                if not handle._cancelled:
+                    handle._run()
+
+    def next_timer(self) -> float | None:
+        """The due time of the earliest live timer, or None."""
+        timers = self._timers
+        while timers and timers[0][2]._cancelled:
+            heapq.heappop(timers)
+        return timers[0][0] if timers else None
+
+    def timer_dues(self) -> list[float]:
+        """Due times of all live timers, sorted (for status records)."""
+        return sorted(when for when, _, h in self._timers if not h._cancelled)
+
+    def fire_timers(self, now: float) -> None:
+        """Move logical time to ``now`` and ready every timer due by then, in due order."""
+        self._time = max(self._time, now)
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, handle = heapq.heappop(timers)
+            if not handle._cancelled:
+                self._ready.append(handle)
+
+    def set_time(self, now: float) -> None:
+        """Logical time never goes backwards, whatever the timestamps of records."""
+        self._time = max(self._time, now)
+
+    # -- what a workflow must not do -----------------------------------------------------
+    def _refuse(self, what: str) -> WorkflowNotAvailable:
+        msg = (
+            f"{what} is not available in a kwf workflow (thread {self._owner!r}): workflow code "
+            "is replayed and must be deterministic; do I/O in another service and talk to it "
+            "with kwf.output + await kwf.suspend()"
+        )
+        return WorkflowNotAvailable(msg)
+
+    def run_in_executor(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("run_in_executor (threads)")
+
+    def getaddrinfo(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("getaddrinfo (DNS)")
+
+    def create_connection(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("create_connection (sockets)")
+
+    def create_server(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("create_server (sockets)")
+
+    def subprocess_exec(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("subprocess_exec (subprocesses)")
+
+    def subprocess_shell(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("subprocess_shell (subprocesses)")
+
+    def add_reader(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("add_reader (file descriptors)")
+
+    def add_writer(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("add_writer (file descriptors)")
+
+    def sock_connect(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("sock_connect (sockets)")
+
+    def sock_recv(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("sock_recv (sockets)")
+
+    def add_signal_handler(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse("add_signal_handler (signals)")
+
+    def run_forever(self) -> None:
+        raise self._refuse("run_forever (the engine drives this loop)")
+
+    def run_until_complete(self, future: Any) -> Any:
+        raise self._refuse("run_until_complete (the engine drives this loop)")

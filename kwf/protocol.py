@@ -1,0 +1,238 @@
+"""The wire protocol v1: parsing input records into commands, and the records kwf writes.
+
+Shared by the dataflow and ``kwf.testing.Engine``, so that both accept and refuse exactly the
+same records. Values are JSON at the boundary; nothing from Kafka is ever unpickled. A record
+that does not parse raises ``ProtocolError`` whose ``code`` is the stable prefix of the
+``kwf-error`` dead-letter header.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Union
+
+from kwf.registry import UnknownWorkflow
+
+if TYPE_CHECKING:
+    from kwf.config import Settings
+    from kwf.registry import Registry
+
+Headers = tuple[tuple[str, Union[str, bytes]], ...]
+
+_NAMED = re.compile(r"([A-Za-z_][A-Za-z0-9_.-]*):")
+_RESERVED = ("true", "false", "null")
+
+
+@dataclass(frozen=True)
+class Record:
+    """A record kwf writes (or dead-letters): what the sink produces and ``Engine`` returns."""
+
+    topic: str
+    key: str | bytes | None
+    value: str | bytes | None
+    headers: Headers = ()
+    timestamp: float = 0.0
+
+    def header(self, name: str) -> str | None:
+        """The first header called ``name``, decoded, or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value.decode() if isinstance(value, bytes) else value
+        return None
+
+    def json(self) -> Any:
+        """The value parsed as JSON."""
+        return json.loads(self.value) if self.value is not None else None
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """A record as read from an input topic, before parsing."""
+
+    topic: str
+    key: bytes | str | None
+    value: bytes | str | None
+    timestamp: float
+    source: str = ""
+    """``topic/partition/offset``, for the ``kwf-source`` dead-letter header."""
+
+
+@dataclass(frozen=True)
+class Start:
+    """``new:`` / ``init:``: start a workflow (``workflow`` None means the default one)."""
+
+    workflow: str | None
+    arg: Any
+    only_if_new: bool
+
+
+@dataclass(frozen=True)
+class Resume:
+    """``{"ref": id, "value": v}`` or ``{"ref": id, "error": e}``."""
+
+    ref: str
+    value: Any = None
+    error: Any = None
+    is_error: bool = False
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """``cancel:`` / ``cancel:<json>``: cancel the whole thread."""
+
+    payload: Any = None
+
+
+Command = Union[Start, Resume, Cancel]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A ``workflow-scheduler`` record: send ``(key, value)`` to workflow-resume at ``due``."""
+
+    key: str
+    value: str
+    due: float | None
+    """None cancels what was scheduled for this key."""
+
+
+class ProtocolError(ValueError):
+    """A record kwf cannot accept; ``code`` is stable, the message says what to send instead."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+def _reject_constant(name: str) -> Any:
+    msg = f"{name} is not JSON"
+    raise ValueError(msg)
+
+
+def loads(text: str) -> Any:
+    """Strict JSON (no NaN/Infinity), with the protocol's error code on failure."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except ValueError as e:
+        raise ProtocolError("bad-json", f"{e} in {_clip(text)}") from None
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def decode_key(key: bytes | str | None) -> str:
+    """A thread id: a non-empty UTF-8 string."""
+    if isinstance(key, bytes):
+        try:
+            key = key.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError("bad-key", "the key is not UTF-8; keys are thread ids") from None
+    if not key:
+        raise ProtocolError("bad-key", "the record has no key; the key is the thread id")
+    return key
+
+
+def decode_value(value: bytes | str | None, max_bytes: int) -> str:
+    """The value as text, within the size limit."""
+    if value is None:
+        raise ProtocolError("empty", "the record has no value; send new:<json>, "
+                                     '{"ref": ..., "value": ...} or cancel:')
+    size = len(value) if isinstance(value, bytes) else len(value.encode())
+    if size > max_bytes:
+        raise ProtocolError("too-large", f"{size} bytes, over the limit of {max_bytes} "
+                                         "(KWF_MAX_PAYLOAD_BYTES); send a reference instead")
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError("not-utf8", "the value is not UTF-8 text") from None
+    return value
+
+
+def parse_command(text: str) -> Command:
+    """Parse a ``workflow-resume`` value (already decoded) into a command.
+
+    >>> parse_command('new:trip:{"x": 1}')
+    Start(workflow='trip', arg={'x': 1}, only_if_new=False)
+    >>> parse_command('{"ref": "0:1", "error": "no car"}')
+    Resume(ref='0:1', value=None, error='no car', is_error=True)
+    """
+    for prefix, only_if_new in (("new:", False), ("init:", True)):
+        if text.startswith(prefix):
+            rest = text[len(prefix):]
+            name = None
+            match = _NAMED.match(rest)
+            if match and match.group(1) not in _RESERVED:
+                name, rest = match.group(1), rest[match.end():]
+            return Start(name, loads(rest) if rest.strip() else None, only_if_new)
+    if text.startswith("cancel:"):
+        rest = text[len("cancel:"):]
+        return Cancel(loads(rest) if rest.strip() else None)
+    if not text.lstrip().startswith("{"):
+        raise ProtocolError("bad-form", f"{_clip(text)} is none of new:<json>, "
+                            'new:<name>:<json>, init:..., cancel:, {"ref": ..., "value": ...}')
+    obj = loads(text)
+    ref = obj.get("ref") if isinstance(obj, dict) else None
+    if not isinstance(ref, str):
+        raise ProtocolError("no-ref", f'a resume needs a string "ref"; got {_clip(text)}')
+    if "error" in obj:
+        return Resume(ref, error=obj["error"], is_error=True)
+    return Resume(ref, value=obj.get("value"))
+
+
+def parse_schedule(rec: Incoming, max_bytes: int) -> Schedule:
+    """Parse a ``workflow-scheduler`` record: key ``a|b``, value a delay in ms (``0``/null cancels)."""
+    key = decode_key(rec.key)
+    if "|" not in key:
+        raise ProtocolError("bad-schedule", f"key {_clip(key)} has no '|'; scheduler keys are "
+                                            "<thread>|<resume value>")
+    a, b = key.split("|", 1)
+    if not a:
+        raise ProtocolError("bad-schedule", "the part before '|' (the thread id) is empty")
+    if rec.value is None:
+        return Schedule(a, b, None)
+    text = decode_value(rec.value, max_bytes).strip()
+    try:
+        delay_ms = int(text)
+    except ValueError:
+        raise ProtocolError("bad-schedule", f"value {_clip(text)} is not a delay in "
+                                            "milliseconds") from None
+    if delay_ms < 0:
+        raise ProtocolError("bad-schedule", f"negative delay {delay_ms} ms")
+    return Schedule(a, b, None if delay_ms == 0 else rec.timestamp + delay_ms / 1000)
+
+
+def dead_letter(rec: Incoming, dlq_topic: str, error: str) -> Record:
+    """The record unchanged, to the dead-letter topic, with what is wrong and where it came from."""
+    return Record(dlq_topic, rec.key, rec.value,
+                  (("kwf-error", error), ("kwf-source", rec.source or rec.topic)), rec.timestamp)
+
+
+def output_record(topic: str, key: str, value: str | None, *, thread: str, seq: int, step: int,
+                  time: float, extra: Headers = ()) -> Record:
+    """A record a thread writes, with the headers consumers use to order and deduplicate."""
+    headers = (("kwf-thread", thread), ("kwf-seq", str(seq)), ("kwf-step", str(step))) + extra
+    return Record(topic, key, value, headers, time)
+
+
+def parse(rec: Incoming, settings: Settings, registry: Registry) -> tuple[str, Command | Schedule]:
+    """Route an input record: its key (thread id) and what it asks, or ``ProtocolError``.
+
+    Validation that needs no thread state happens here (including the workflow name of a
+    start), so that the per-thread logic only sees records it can act on.
+    """
+    if rec.topic == settings.scheduler_topic:
+        schedule = parse_schedule(rec, settings.max_payload_bytes)
+        return schedule.key, schedule
+    key = decode_key(rec.key)
+    command = parse_command(decode_value(rec.value, settings.max_payload_bytes))
+    if isinstance(command, Start):
+        try:
+            registry.resolve(command.workflow)
+        except UnknownWorkflow as e:
+            raise ProtocolError("unknown-workflow" if command.workflow else "no-default",
+                                str(e)) from None
+    return key, command

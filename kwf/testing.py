@@ -1,0 +1,220 @@
+"""Run workflows in-process, without Kafka: for unit tests, debuggers and notebooks.
+
+``Engine`` applies records exactly as the dataflow does (the same ``protocol.parse`` and the
+same ``ThreadState``), on a virtual clock, and loops records written to ``workflow-resume``
+and ``workflow-scheduler`` back into itself, as Kafka would. ``run_flow`` runs the real Bytewax
+dataflow over a list of records.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections import deque
+from dataclasses import replace
+from typing import Any, Callable, Iterable, Sequence
+
+from kwf.config import Settings
+from kwf.journal import Journal
+from kwf.protocol import Incoming, ProtocolError, Record, Schedule, dead_letter, parse
+from kwf.registry import Registry, Workflow, WorkflowFn
+from kwf.thread import Context, ScheduleState, ThreadState
+
+__all__ = ["Engine", "Record", "run_flow"]
+
+Handler = Callable[[Record], Any]
+
+
+class Engine:
+    """An in-process kwf engine with a virtual clock.
+
+    >>> import kwf
+    >>> @kwf.workflow("doc-nap")
+    ... async def nap(arg):
+    ...     import asyncio
+    ...     await asyncio.sleep(arg["s"])
+    ...     return "rested"
+    >>> eng = Engine(workflows=[nap])
+    >>> _ = eng.send("t1", 'new:{"s": 60}')
+    >>> eng.status("t1")["timers"]
+    [60.0]
+    >>> _ = eng.advance(60)
+    >>> eng.result("t1")
+    'rested'
+
+    Args:
+        workflows: the workflows to serve (decorated functions); all registered ones if None.
+        default: the workflow plain ``new:<json>`` starts (the only one if there is one).
+        settings: topic names and limits; ``Settings()`` defaults if None.
+        max_live: live instances kept; 0 rebuilds every thread by replay before each event.
+        start_time: the virtual clock's start, in seconds since the epoch.
+    """
+
+    def __init__(self, workflows: Iterable[Workflow | WorkflowFn] | None = None,
+                 default: str | None = None, *, settings: Settings | None = None,
+                 max_live: int | None = None, start_time: float = 0.0) -> None:
+        settings = settings or Settings()
+        if max_live is not None:
+            settings = replace(settings, max_live=max_live)
+        self.settings = settings
+        self.registry = Registry(workflows, default or settings.default_workflow)
+        self.ctx = Context(self.registry, settings)
+        self.clock = start_time
+        self.threads: dict[str, ThreadState] = {}
+        self.schedules: dict[str, ScheduleState] = {}
+        self._outputs: list[Record] = []
+        self._queue: deque[Incoming] = deque()
+        self._handlers: dict[str, Handler] = {}
+        self._offsets = itertools.count()
+
+    # -- input ---------------------------------------------------------------------------
+    def send(self, key: str | bytes | None, value: str | bytes | None, *,
+             topic: str | None = None, timestamp: float | None = None) -> list[Record]:
+        """Apply one record (the wire protocol, verbatim) and what it loops back; return the outputs.
+
+        A ``timestamp`` ahead of the clock first advances the clock to it (due timers fire);
+        without one, the record carries the current virtual time.
+        """
+        start = len(self._outputs)
+        if timestamp is not None and timestamp > self.clock:
+            self.advance_to(timestamp)
+        self._enqueue(topic or self.settings.resume_topic, key, value,
+                      self.clock if timestamp is None else timestamp)
+        self._drain()
+        return self._outputs[start:]
+
+    def advance(self, seconds: float) -> list[Record]:
+        """Move the virtual clock forward; due timers fire in time order. Returns the outputs."""
+        return self.advance_to(self.clock + seconds)
+
+    def advance_to(self, time: float) -> list[Record]:
+        """Move the virtual clock to ``time`` (never backwards), firing due timers in order."""
+        start = len(self._outputs)
+        while True:
+            due = min((t for t in self._wakeups() if t <= time), default=None)
+            if due is None:
+                break
+            self.clock = max(self.clock, due)
+            for key, state in list(self.schedules.items()):
+                if (t := state.wakeup()) is not None and t <= due:
+                    self._collect(state.on_timer(due, self.settings.resume_topic), due)
+                    if not state.entries:
+                        del self.schedules[key]
+            for key, thread in list(self.threads.items()):
+                if (t := thread.wakeup()) is not None and t <= due:
+                    self._collect(thread.on_timer(due), due)
+                    if thread.journal is None:
+                        del self.threads[key]
+            self._drain()
+        self.clock = max(self.clock, time)
+        return self._outputs[start:]
+
+    def handle(self, topic: str, fn: Handler) -> None:
+        """Answer every record written to ``topic`` with ``fn(record)``, as a service would.
+
+        ``fn`` returns a full resume (``{"ref": ..., "value": ...}`` or ``"error"``), a plain
+        value that resumes the ref the record names (its JSON ``"ref"``, else the record's
+        value itself), or None for no answer. The answer goes to the thread that wrote the
+        record, at the current virtual time.
+        """
+        self._handlers[topic] = fn
+
+    # -- inspection ----------------------------------------------------------------------
+    def outputs(self, topic: str | None = None) -> list[Record]:
+        """Every record written so far, in order; only those of ``topic`` if given."""
+        if topic is None:
+            return list(self._outputs)
+        return [r for r in self._outputs if r.topic == topic]
+
+    def status(self, key: str) -> dict[str, Any] | None:
+        """The thread's latest ``workflow-events`` record, parsed (None if there is none)."""
+        for rec in reversed(self._outputs):
+            if rec.topic == self.settings.events_topic and rec.key == key:
+                return rec.json()  # type: ignore[no-any-return]
+        return None
+
+    def result(self, key: str) -> Any:
+        """The thread's latest ``workflow-result`` value, parsed; ``LookupError`` if none."""
+        for rec in reversed(self._outputs):
+            if rec.topic == self.settings.result_topic and rec.key == key:
+                return rec.json()
+        msg = f"thread {key!r} has no result; its status is {self.status(key)}"
+        raise LookupError(msg)
+
+    def journal(self, key: str) -> Journal | None:
+        """The thread's durable state, as a snapshot would hold it."""
+        state = self.threads.get(key)
+        return state.journal if state else None
+
+    def evict(self) -> None:
+        """Drop every live instance: the next event of each thread rebuilds it by replay."""
+        for state in self.threads.values():
+            state.evict()
+
+    # -- the loop ------------------------------------------------------------------------
+    def _wakeups(self) -> Iterable[float]:
+        for state in itertools.chain(self.schedules.values(), self.threads.values()):
+            t = state.wakeup()
+            if t is not None:
+                yield t
+
+    def _enqueue(self, topic: str, key: str | bytes | None, value: str | bytes | None,
+                 timestamp: float) -> None:
+        self._queue.append(Incoming(topic, key, value, float(timestamp),
+                                    f"{topic}/0/{next(self._offsets)}"))
+
+    def _drain(self) -> None:
+        while self._queue:
+            rec = self._queue.popleft()
+            try:
+                key, command = parse(rec, self.settings, self.registry)
+            except ProtocolError as e:
+                self._collect([dead_letter(rec, self.settings.dlq_topic, str(e))], rec.timestamp)
+                continue
+            if isinstance(command, Schedule):
+                state = self.schedules.setdefault(key, ScheduleState(key))
+                state.on_schedule(command)
+                if not state.entries:
+                    del self.schedules[key]
+                continue
+            thread = self.threads.get(key)
+            if thread is None:
+                thread = self.threads[key] = ThreadState(key, self.ctx)
+            self._collect(thread.on_command(rec, command), rec.timestamp)
+            if thread.journal is None:
+                del self.threads[key]
+
+    def _collect(self, records: Sequence[Record], time: float) -> None:
+        s = self.settings
+        for rec in records:
+            self._outputs.append(rec)
+            if rec.topic in (s.resume_topic, s.scheduler_topic):
+                self._enqueue(rec.topic, rec.key, rec.value, rec.timestamp)
+            handler = self._handlers.get(rec.topic)
+            if handler is not None:
+                self._reply(rec, handler(rec))
+
+    def _reply(self, rec: Record, answer: Any) -> None:
+        if answer is None:
+            return
+        if not (isinstance(answer, dict) and "ref" in answer):
+            try:
+                sent = rec.json()
+            except ValueError:
+                sent = rec.value
+            ref = sent["ref"] if isinstance(sent, dict) and "ref" in sent else rec.value
+            answer = {"ref": ref, "value": answer}
+        self._enqueue(self.settings.resume_topic, rec.header("kwf-thread") or rec.key,
+                      json.dumps(answer), self.clock)
+
+
+def run_flow(records: Sequence[tuple[str, str | bytes | None, str | bytes | None]
+                               | tuple[str, str | bytes | None, str | bytes | None, float]],
+             **kwargs: Any) -> list[Record]:
+    """Run the real Bytewax dataflow in-process over ``(topic, key, value[, timestamp])`` records.
+
+    Outputs are not fed back (there is no Kafka in between). See ``kwf.flow.run_flow``.
+    """
+    from kwf.flow import run_flow as _run_flow  # bytewax only when asked for
+
+    return _run_flow(records, **kwargs)

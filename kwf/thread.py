@@ -1,0 +1,291 @@
+"""The per-key core: what happens to one thread id, or one scheduler key, for each record and timer.
+
+``ThreadState`` holds a thread's journal (durable) and its live instance (a cache that may be
+evicted and rebuilt by replay), and applies the rules of DESIGN section 4: starts and
+replacements, resumes, stale refs, tombstones, unknown threads, durable timers, and parking a
+thread whose replay diverged. ``ScheduleState`` is the built-in ``workflow-scheduler``. Both
+``kwf.testing.Engine`` and the Bytewax logic in ``kwf.flow`` drive these classes, so that every
+rule is written once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import structlog
+
+from kwf.config import Settings
+from kwf.errors import NonDeterminismError
+from kwf.instance import Instance
+from kwf.journal import CANCEL, ERROR, FAILED, RESUME, TIMER, Event, Journal, decode, encode
+from kwf.protocol import (Cancel, Command, Incoming, Record, Resume, Schedule, Start,
+                          dead_letter, output_record)
+from kwf.registry import Registry, UnknownWorkflow
+
+log = structlog.get_logger("kwf.thread")
+
+
+class LiveCache:
+    """Bounds how many threads keep a live instance; the least recently used are evicted.
+
+    Evicting keeps the journal, so the thread is rebuilt by replay on its next event. One cache
+    serves one worker (or one ``Engine``).
+    """
+
+    def __init__(self, max_live: int) -> None:
+        self.max_live = max_live
+        self._lru: OrderedDict[str, ThreadState] = OrderedDict()
+
+    def touch(self, state: ThreadState) -> None:
+        self._lru[state.key] = state
+        self._lru.move_to_end(state.key)
+        while len(self._lru) > self.max_live:
+            _, oldest = self._lru.popitem(last=False)
+            oldest.evict()
+
+    def forget(self, state: ThreadState) -> None:
+        if self._lru.get(state.key) is state:
+            del self._lru[state.key]
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+
+@dataclass
+class Context:
+    """What every thread of one engine shares: the workflows, the settings, the live cache."""
+
+    registry: Registry
+    settings: Settings
+    cache: LiveCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cache = LiveCache(self.settings.max_live)
+
+
+class ThreadState:
+    """One thread id: its journal, its live instance, and the rules applied to its records."""
+
+    def __init__(self, key: str, ctx: Context, journal: Journal | None = None) -> None:
+        self.key = key
+        self.ctx = ctx
+        self.journal = journal
+        self.instance: Instance | None = None
+        self._blocked = False  # its workflow is not served: wait for a record, not a timer
+
+    @classmethod
+    def restore(cls, data: bytes, ctx: Context) -> ThreadState:
+        """From a snapshot; the instance is rebuilt lazily, on the next event or timer."""
+        journal = decode(data)
+        return cls(journal.thread, ctx, journal)
+
+    def snapshot(self) -> bytes | None:
+        """The journal as bytes, or None once the thread's state may be discarded."""
+        return encode(self.journal) if self.journal is not None else None
+
+    def wakeup(self) -> float | None:
+        """When ``on_timer`` should next run: a durable timer, or the tombstone's expiry."""
+        j = self.journal
+        if j is None or self._blocked:
+            return None
+        return j.expires if j.finished else j.next_timer()
+
+    # -- events ------------------------------------------------------------------------------
+    def on_command(self, rec: Incoming, cmd: Command) -> list[Record]:
+        """Apply a parsed ``workflow-resume`` record; never raises for a workflow's sake."""
+        try:
+            return self._on_command(rec, cmd)
+        except Exception as e:  # a bug of ours: keep the journal, drop the live object
+            log.exception("internal_error", thread=self.key, source=rec.source)
+            self.evict()
+            return [dead_letter(rec, self.ctx.settings.dlq_topic,
+                                f"internal: {type(e).__name__}: {e}; the thread is unchanged, "
+                                "resend the record after fixing the engine")]
+
+    def _on_command(self, rec: Incoming, cmd: Command) -> list[Record]:
+        j = self.journal
+        if isinstance(cmd, Start):
+            if cmd.only_if_new and j is not None:
+                log.info("init_ignored", thread=self.key, reason="thread exists")
+                return []
+            return self._start(cmd, rec.timestamp)
+        if j is None:
+            return [dead_letter(rec, self.ctx.settings.dlq_topic,
+                                f"unknown-thread: no thread {self.key!r}; start it with new: "
+                                "or init:, or check the key")]
+        time = max(rec.timestamp, j.time)
+        out = self._fire_due(time)
+        if self.journal is None or self.journal.finished:
+            log.info("record_for_finished_thread_ignored", thread=self.key, source=rec.source)
+            return out
+        try:
+            instance = self._live()
+        except _Unavailable as e:
+            if e.reason is None:
+                return out + e.records
+            return out + [dead_letter(rec, self.ctx.settings.dlq_topic, e.reason)]
+        if isinstance(cmd, Resume):
+            event: Event = (ERROR if cmd.is_error else RESUME, time, cmd.ref,
+                            cmd.error if cmd.is_error else cmd.value)
+        else:
+            event = (CANCEL, time, None, cmd.payload)
+        records = instance.apply(event)
+        if records is None:
+            log.info("stale_record_ignored", thread=self.key, ref=getattr(cmd, "ref", None),
+                     source=rec.source)
+            return out
+        self._stepped()
+        return out + records + self._fire_due(time)
+
+    def on_timer(self, now: float) -> list[Record]:
+        """Fire durable timers due by ``now``, or discard an expired tombstone."""
+        j = self.journal
+        if j is None:
+            return []
+        if j.finished:
+            if j.expires is not None and j.expires <= now:
+                self.journal = None
+                # A null value deletes the thread from the compacted events topic.
+                return [Record(self.ctx.settings.events_topic, self.key, None,
+                               (("kwf-thread", self.key),), now)]
+            return []
+        try:
+            return self._fire_due(now)
+        except _Unavailable as e:
+            return e.records
+        except Exception:
+            log.exception("internal_error", thread=self.key, during="timer")
+            self.evict()
+            self._blocked = True
+            return []
+
+    def _start(self, cmd: Start, time: float) -> list[Record]:
+        old = self.journal
+        self.evict()
+        workflow = self.ctx.registry.resolve(cmd.workflow)
+        if old is not None and not old.finished:
+            log.info("thread_replaced", thread=self.key, old_workflow=old.workflow,
+                     new_workflow=workflow.name)
+        self.journal = Journal(
+            thread=self.key, workflow=workflow.name, fingerprint=workflow.fingerprint,
+            arg=cmd.arg, started=max(time, old.time) if old else time,
+            base_step=old.step + 1 if old else 0, base_seq=old.seq if old else 0)
+        self._blocked = False
+        self.instance, out = Instance.start(workflow, self.journal, self.ctx.settings)
+        self._stepped()
+        return out + self._fire_due(time)
+
+    def _fire_due(self, now: float) -> list[Record]:
+        out: list[Record] = []
+        while self.journal is not None and not self.journal.finished:
+            due = self.journal.next_timer()
+            if due is None or due > now:
+                break
+            instance = self._live()
+            records = instance.apply((TIMER, max(due, self.journal.time), None, None))
+            if records is None:  # cannot happen while the journal lists a due timer
+                msg = f"thread {self.key!r}: journal lists a timer at {due} the code does not have"
+                raise RuntimeError(msg)
+            out += records
+            self._stepped()
+        return out
+
+    # -- the live instance ---------------------------------------------------------------------
+    def _live(self) -> Instance:
+        """The live instance, rebuilt by replay if it was evicted; else ``_Unavailable``."""
+        if self.instance is not None:
+            return self.instance
+        j = self.journal
+        assert j is not None
+        try:
+            workflow = self.ctx.registry.resolve(j.workflow)
+        except UnknownWorkflow:
+            log.error("workflow_not_served", thread=self.key, workflow=j.workflow)
+            self._blocked = True
+            raise _Unavailable([], f"unknown-workflow: thread {self.key!r} runs workflow "
+                                   f"{j.workflow!r}, which this engine does not serve; deploy "
+                                   "it and resend") from None
+        try:
+            self.instance = Instance.rebuild(workflow, j, self.ctx.settings)
+        except NonDeterminismError as e:
+            raise _Unavailable(self._park(str(e)), None) from None
+        self._blocked = False
+        return self.instance
+
+    def _park(self, reason: str) -> list[Record]:
+        """Replay diverged: the thread fails, its journal is kept for inspection."""
+        j = self.journal
+        assert j is not None
+        log.error("nondeterminism", thread=self.key, workflow=j.workflow, reason=reason)
+        s = self.ctx.settings
+        j.status, j.result = FAILED, json.dumps(reason)
+        j.expires = j.time + s.tombstone_retention_s
+        status = json.dumps({"thread": self.key, "workflow": j.workflow, "status": FAILED,
+                             "step": j.step, "pending": [], "timers": [], "updated": j.time,
+                             "error": reason})
+        records = []
+        for topic, value, extra in ((s.error_topic, j.result,
+                                     (("kwf-error-type", "NonDeterminismError"),)),
+                                    (s.events_topic, status, ())):
+            j.seq += 1
+            records.append(output_record(topic, self.key, value, thread=self.key, seq=j.seq,
+                                         step=j.step, time=j.time, extra=extra))
+        return records
+
+    def _stepped(self) -> None:
+        """After a step: a finished thread becomes a tombstone; a live one is marked used."""
+        j, instance = self.journal, self.instance
+        assert j is not None and instance is not None
+        if j.finished:
+            instance.dispose()
+            self.instance = None
+            self.ctx.cache.forget(self)
+            j.to_tombstone(self.ctx.settings.tombstone_retention_s)
+        else:
+            self.ctx.cache.touch(self)
+
+    def evict(self) -> None:
+        """Drop the live instance (closing its coroutines now); the journal stays."""
+        if self.instance is not None:
+            self.instance.dispose()
+            self.instance = None
+        self.ctx.cache.forget(self)
+
+
+class _Unavailable(Exception):
+    """No live instance can be had: ``records`` to emit, and a dead-letter reason if any."""
+
+    def __init__(self, records: list[Record], reason: str | None) -> None:
+        super().__init__(reason)
+        self.records = records
+        self.reason = reason
+
+
+class ScheduleState:
+    """The ``workflow-scheduler`` entries of one key prefix: ``b`` → due time."""
+
+    def __init__(self, key: str, entries: dict[str, float] | None = None) -> None:
+        self.key = key
+        self.entries = entries or {}
+
+    def on_schedule(self, schedule: Schedule) -> None:
+        if schedule.due is None:
+            self.entries.pop(schedule.value, None)
+        else:
+            self.entries[schedule.value] = schedule.due
+
+    def wakeup(self) -> float | None:
+        return min(self.entries.values()) if self.entries else None
+
+    def on_timer(self, now: float, resume_topic: str) -> list[Record]:
+        """Send each due entry to ``workflow-resume``, in due order, timestamped with its due time."""
+        due = sorted((t, b) for b, t in self.entries.items() if t <= now)
+        for _, b in due:
+            del self.entries[b]
+        return [Record(resume_topic, self.key, b, (("kwf-scheduled", repr(t)),), t)
+                for t, b in due]
+
+    def snapshot(self) -> dict[str, float] | None:
+        return dict(self.entries) if self.entries else None
