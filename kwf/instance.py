@@ -29,6 +29,11 @@ from kwf.registry import Workflow
 
 log = structlog.get_logger("kwf.instance")
 
+_UNDISPOSED: set[Instance] = set()
+"""Every instance not yet disposed, held strongly: its coroutines must never reach the garbage
+collector, whose finalizers would run their ``finally`` blocks later, inside another thread's
+step. Owners dispose explicitly; one that forgets leaks memory, never outputs."""
+
 
 class Instance:
     """The live coroutine of one thread, with its loop, pending suspends and counters."""
@@ -55,6 +60,7 @@ class Instance:
         self._topics: list[str] = []
         self._result: str | None = None
         self.main = self.loop.create_task(self._main(journal.arg))
+        _UNDISPOSED.add(self)
 
     async def _main(self, arg: Any) -> Any:
         return await self.workflow.fn(arg)
@@ -246,12 +252,12 @@ class Instance:
             f"{list(self.pending)}")
 
     def _diverged(self, what: str) -> None:
-        fingerprint = self.journal.fingerprint
-        changed = ("the code changed since the thread started" if fingerprint !=
-                   self.workflow.fingerprint else "the code reads something replay cannot repeat")
+        was, now = self.journal.fingerprint, self.workflow.fingerprint
+        why = (f"the code changed since the thread started (fingerprint {was} -> {now})"
+               if was != now else "the code behaves differently on replay: does it read the "
+               "wall clock, global random state or I/O instead of kwf.now()/kwf.random()?")
         msg = (f"thread {self.thread_id!r} step {self.step}: replay of {self.workflow.location} "
-               f"diverged: {what} ({changed}; journal fingerprint {fingerprint}, code "
-               f"{self.workflow.fingerprint})")
+               f"diverged: {what}; {why}")
         raise NonDeterminismError(msg)
 
     # -- disposal --------------------------------------------------------------------------
@@ -285,6 +291,7 @@ class Instance:
         self.disposed = True
         self.pending.clear()
         self.loop.close()
+        _UNDISPOSED.discard(self)
 
 
 def _describe(event: Event) -> str:

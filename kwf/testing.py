@@ -151,6 +151,19 @@ class Engine:
         for state in self.threads.values():
             state.evict()
 
+    def close(self) -> None:
+        """Dispose of every live instance now (their coroutines are closed, outputs dropped)."""
+        self.evict()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
     # -- the loop ------------------------------------------------------------------------
     def _wakeups(self) -> Iterable[float]:
         for state in itertools.chain(self.schedules.values(), self.threads.values()):
