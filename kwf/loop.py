@@ -13,6 +13,7 @@ import asyncio
 import contextvars
 import heapq
 import itertools
+import zlib
 from asyncio import events, tasks
 from collections import deque
 from contextlib import contextmanager
@@ -58,7 +59,9 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
         self._ready: deque[asyncio.Handle] = deque()
         self._timers: list[tuple[float, int, asyncio.TimerHandle]] = []
         self._time = start_time
-        self._counter = itertools.count()
+        # Hashes are salt + creation number: the same in every process for this thread, and
+        # spread across threads, so asyncio's global WeakSet of tasks does not collide.
+        self._counter = itertools.count(zlib.crc32(owner.encode()) << 16)
         self._owner = owner
         self._closed = False
         self._running = False

@@ -1,0 +1,127 @@
+"""Benchmark of the workflow core on one core: steps per second and bytes per suspended workflow.
+
+Run: ``.venv/bin/python bench/core.py [--threads N]``. It drives ``ThreadState`` through
+``protocol.parse`` exactly as the dataflow does per record (no Kafka, no Bytewax), live and with
+the instance rebuilt by replay before every event, and prints one line per measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import time
+import tracemalloc
+from dataclasses import replace
+
+import kwf
+from kwf.config import Settings
+from kwf.journal import encode
+from kwf.protocol import Incoming, parse
+from kwf.registry import Registry
+from kwf.thread import Context, ThreadState
+
+kwf.config.output_topics |= {"bench-reserve", "bench-cancel", "bench-out"}
+
+
+async def _reserve(kind: str) -> dict:
+    ref = kwf.suspend()
+    kwf.output(ref.id, "bench-reserve")
+    try:
+        await ref
+    except asyncio.CancelledError:
+        kwf.output(ref.id, "bench-cancel")
+        raise
+    return {"id": ref.id}
+
+
+@kwf.workflow("bench-saga")
+async def saga(arg: dict) -> dict:
+    async def timeout() -> None:
+        await asyncio.sleep(3600)
+        raise TimeoutError("timeout")
+
+    car, hotel, flight = await kwf.race([
+        kwf.all([_reserve("car"), _reserve("hotel"), _reserve("flight")]), timeout()])
+    return {"car": car, "hotel": hotel, "flight": flight}
+
+
+@kwf.workflow("bench-seq")
+async def sequential(arg: dict) -> int:
+    total = 0
+    for _ in range(10):
+        ref = kwf.suspend()
+        kwf.output(ref.id, "bench-out")
+        total += await ref
+    return total
+
+
+def _records(workflow: str, n_threads: int) -> list[tuple[str, list[str]]]:
+    """Per thread: the start record and the resumes that drive it to the end."""
+    if workflow == "bench-saga":
+        resumes = [json.dumps({"ref": f"0:{i}", "value": i}) for i in (1, 2, 3)]
+    else:
+        resumes = [json.dumps({"ref": f"{i}:1", "value": 1}) for i in range(10)]
+    return [(f"{workflow}-{t}", [f"new:{workflow}:{{}}"] + resumes) for t in range(n_threads)]
+
+
+def steps_per_second(workflow: str, n_threads: int, max_live: int) -> float:
+    settings = replace(Settings(), max_live=max_live)
+    registry = Registry([saga, sequential])
+    ctx = Context(registry, settings)
+    threads: dict[str, ThreadState] = {}
+    plan = _records(workflow, n_threads)
+    steps = 0
+    started = time.perf_counter()
+    for round_ in range(len(plan[0][1])):  # interleave threads, as a topic would
+        for key, values in plan:
+            rec = Incoming("workflow-resume", key, values[round_], 1000.0 + round_, "bench")
+            key, command = parse(rec, settings, registry)
+            state = threads.get(key) or threads.setdefault(key, ThreadState(key, ctx))
+            state.on_command(rec, command)
+            steps += 1
+    elapsed = time.perf_counter() - started
+    for state in threads.values():
+        state.evict()
+    return steps / elapsed
+
+
+def bytes_per_suspended(workflow: str, n_threads: int) -> tuple[float, float]:
+    """(journal bytes, live bytes) per thread suspended after its first resume."""
+    settings, registry = Settings(max_live=n_threads), Registry([saga, sequential])
+    ctx = Context(registry, settings)
+    plan = _records(workflow, n_threads)
+    gc.collect()
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    threads = []
+    for key, values in plan:
+        state = ThreadState(key, ctx)
+        for value in values[:2]:
+            rec = Incoming("workflow-resume", key, value, 1000.0, "bench")
+            state.on_command(rec, parse(rec, settings, registry)[1])
+        threads.append(state)
+    gc.collect()
+    live = (tracemalloc.get_traced_memory()[0] - base) / n_threads
+    tracemalloc.stop()
+    journal = sum(len(encode(s.journal)) for s in threads) / n_threads
+    for state in threads:
+        state.evict()
+    return journal, live
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2000)
+    args = parser.parse_args()
+    for workflow in ("bench-saga", "bench-seq"):
+        live = steps_per_second(workflow, args.threads, max_live=args.threads)
+        replay = steps_per_second(workflow, max(args.threads // 10, 50), max_live=0)
+        journal, resident = bytes_per_suspended(workflow, args.threads)
+        print(f"{workflow:11} live: {live:9,.0f} steps/s   replay every event: {replay:8,.0f} "
+              f"steps/s   journal: {journal:6,.0f} B   live: {resident:8,.0f} B per suspended thread")
+
+
+if __name__ == "__main__":
+    main()
