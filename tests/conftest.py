@@ -46,7 +46,7 @@ def kafka_conf(kafka_brokers: str) -> dict[str, str]:
 
 @pytest.fixture
 def unique() -> Callable[[str], str]:
-    """``unique("orders")`` -> ``"orders-1f3a..."``: topic, group and thread names no rerun reuses."""
+    """``unique("orders")`` -> ``"orders-1f3a..."``: topic, group, thread names no rerun reuses."""
 
     def make(prefix: str = "t") -> str:
         return f"{prefix}-{uuid.uuid4().hex[:12]}"

@@ -69,6 +69,7 @@ def test_start_stop_twice_and_restart_after_kill_9(own_broker: LocalBroker) -> N
     assert second.running and second.pid != first.pid
     create_topics(conf, ["survivor"], partitions=1, replication=1)
 
+    assert second.pid is not None
     os.kill(second.pid, signal.SIGKILL)  # stale pid file, data dir lock of a dead process
     deadline = time.monotonic() + 10
     while broker.status().running and time.monotonic() < deadline:
