@@ -16,16 +16,19 @@
 from kwf import config, registry
 from kwf.api import (Suspend, all, as_completed, cancel, first, gather, now, output, output_json,
                      race, random, rng, step_id, suspend, thread_id, uuid4, wait)
+from kwf.calls import CallTimeout, call
 from kwf.errors import NonDeterminismError, RemoteError, WorkflowNotAvailable
 from kwf.registry import workflow
 
 __all__ = [
+    "CallTimeout",
     "NonDeterminismError",
     "RemoteError",
     "Suspend",
     "WorkflowNotAvailable",
     "all",
     "as_completed",
+    "call",
     "cancel",
     "config",
     "first",

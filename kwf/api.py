@@ -180,13 +180,14 @@ class _Combinator(_Future):
                 self.set_result(self._results)
 
     def _settle(self, *, value: Any = None, error: BaseException | None = None) -> None:
+        # Cancel first: the losers' cleanup (withdrawals) then runs before the caller resumes.
+        if self._cancel_rest:
+            for child in self._children:
+                child.cancel()
         if error is not None:
             self.set_exception(error)
         else:
             self.set_result(value)
-        if self._cancel_rest:
-            for child in self._children:
-                child.cancel()
 
     def cancel(self, msg: Any = None) -> bool:
         if self.done() or self._cancelling:
@@ -208,6 +209,7 @@ def all(items: Iterable[Any]) -> asyncio.Future[list[Any]]:
     """All values, in argument order; on the first failure, fail and cancel the others.
 
     The seed's ``Promise.all``. Items are started now, in order; an empty list gives ``[]``.
+    The cancelled ones' cleanup starts before the caller resumes.
     """
     return _combine(items, first=False, cancel_rest=True, what="all")
 
@@ -215,7 +217,8 @@ def all(items: Iterable[Any]) -> asyncio.Future[list[Any]]:
 def race(items: Iterable[Any]) -> asyncio.Future[Any]:
     """The first settlement, value or error, wins; the others are cancelled.
 
-    The seed's ``Promise.race``. An empty race stays pending for ever.
+    The seed's ``Promise.race``. An empty race stays pending for ever. The losers' cleanup
+    starts before the caller resumes.
     """
     return _combine(items, first=True, cancel_rest=True, what="race")
 

@@ -61,7 +61,7 @@ def backoff_delay(attempt: int, backoff: float, max_backoff: float, jitter: floa
     >>> backoff_delay(2, 1.0, 60.0, 0.5, 0.5)
     1.5
     """
-    return min(max_backoff, backoff * 2 ** (attempt - 1)) * (1.0 - jitter * draw)
+    return min(max_backoff, backoff * 2.0 ** (attempt - 1)) * (1.0 - jitter * draw)
 
 
 async def call(topic: str, payload: Any = None, *, timeout: float | None = None,
@@ -129,21 +129,18 @@ async def call(topic: str, payload: Any = None, *, timeout: float | None = None,
         key = key or f"{thread_id()}/{ref.id}"
         output_json({"ref": ref.id, "key": key, "attempt": attempt, "payload": payload}, topic)
         try:
-            async with asyncio.timeout(timeout):
-                return await ref
-        except asyncio.CancelledError:
-            if cancel_topic is not None:
+            try:
+                async with asyncio.timeout(timeout):
+                    return await ref
+            except Exception as error:
+                if not (attempt <= retries and _retryable(error, retry_on)):
+                    if not isinstance(error, TimeoutError):
+                        raise
+                    msg = (f"call to {topic!r} got no reply within {timeout} s "
+                           f"(attempt {attempt} of {retries + 1}, key {key!r})")
+                    raise CallTimeout(msg, key) from None
+            await asyncio.sleep(backoff_delay(attempt, backoff, max_backoff, jitter, random()))
+        except (asyncio.CancelledError, CallTimeout):
+            if cancel_topic is not None:  # the service may hold the request: let it drop it
                 output_json({"ref": ref.id, "key": key}, cancel_topic)
             raise
-        except Exception as error:
-            if attempt <= retries and _retryable(error, retry_on):
-                pass  # wait below, then try again
-            elif isinstance(error, TimeoutError):
-                if cancel_topic is not None:
-                    output_json({"ref": ref.id, "key": key}, cancel_topic)
-                msg = (f"call to {topic!r} got no reply within {timeout} s "
-                       f"(attempt {attempt} of {retries + 1}, key {key!r})")
-                raise CallTimeout(msg, key) from None
-            else:
-                raise
-        await asyncio.sleep(backoff_delay(attempt, backoff, max_backoff, jitter, random()))

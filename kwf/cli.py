@@ -17,6 +17,7 @@ from collections.abc import Callable
 import structlog
 
 from kwf.config import Settings
+from kwf.demo import register_demo
 from kwf.kafka.admin import KafkaSetupError, check_brokers, ensure_topics, required_topics
 from kwf.kafka.broker import DEFAULT_PORT, KAFKA_VERSION, BrokerStatus, LocalBroker
 
@@ -184,5 +185,6 @@ def topics_check(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [register_kafka, register_topics]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    register_kafka, register_topics, register_demo]
 """Top-level commands, in help order; `up` and `demo` register here too."""
