@@ -16,7 +16,7 @@ import tracemalloc
 from dataclasses import replace
 
 import kwf
-from kwf.config import Settings
+from kwf.config import ENGINE_GC_THRESHOLDS, Settings
 from kwf.journal import encode
 from kwf.protocol import Incoming, parse
 from kwf.registry import Registry
@@ -114,7 +114,12 @@ def bytes_per_suspended(workflow: str, n_threads: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2000)
+    parser.add_argument("--gc", choices=["default", "engine"], default="engine",
+                        help="'engine': the GC thresholds the dataflow sets (ENGINE_GC_THRESHOLDS)")
     args = parser.parse_args()
+    if args.gc == "engine":
+        gc.set_threshold(*ENGINE_GC_THRESHOLDS)
+    print(f"gc thresholds {gc.get_threshold()}, {args.threads} threads interleaved")
     for workflow in ("bench-saga", "bench-seq"):
         live = steps_per_second(workflow, args.threads, max_live=args.threads)
         replay = steps_per_second(workflow, max(args.threads // 10, 50), max_live=0)

@@ -17,6 +17,11 @@ from typing import Mapping
 output_topics: set[str] = set()
 """Topics workflow code may write to with ``kwf.output``; workflow modules add to it on import."""
 
+ENGINE_GC_THRESHOLDS = (50_000, 20, 100)
+"""What the engine process sets with ``gc.set_threshold``: it holds many long-lived objects
+(live coroutines, tasks, futures) that the default thresholds traverse over and over; bench/core.py
+measures the difference."""
+
 
 def _split(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())

@@ -338,7 +338,13 @@ def register_demo(commands: argparse._SubParsersAction) -> None:  # type: ignore
     """Add ``kwf demo`` to the ``kwf`` command (append to ``kwf.cli.COMMANDS``)."""
     demo = commands.add_parser(
         "demo", help="run N example workflows of each kind against the running engine")
-    demo.add_argument("-n", type=int, default=250, help="threads per workflow (%(default)s)")
+    add_demo_arguments(demo, n=250)
+    demo.set_defaults(handler=demo_command)
+
+
+def add_demo_arguments(demo: argparse.ArgumentParser, n: int) -> None:
+    """The options of ``kwf demo`` (``kwf up`` takes them too)."""
+    demo.add_argument("-n", type=int, default=n, help="threads per workflow (%(default)s)")
     demo.add_argument("--kinds", default=",".join(KINDS), help="workflows (%(default)s)")
     demo.add_argument("--brokers", help="bootstrap servers (default: KWF_BROKERS)")
     demo.add_argument("--external-services", action="store_true",
@@ -347,10 +353,9 @@ def register_demo(commands: argparse._SubParsersAction) -> None:  # type: ignore
                       help="each service's rate of refusals, flaky answers and silences")
     demo.add_argument("--latency", type=float, default=0.02, help="services' mean latency, s")
     demo.add_argument("--timeout", type=float, default=300.0, help="give up after (s)")
-    demo.set_defaults(handler=_demo_command)
 
 
-def _demo_command(args: argparse.Namespace) -> int:
+def demo_command(args: argparse.Namespace) -> int:
     from kwf.kafka.admin import check_brokers, required_topics
     from workflows._services import demo_services
 

@@ -59,6 +59,7 @@ class Instance:
         self._crc = 0
         self._topics: list[str] = []
         self._result: str | None = None
+        self._tasks_kept = 0
         self.main = self.loop.create_task(self._main(journal.arg))
         _UNDISPOSED.add(self)
 
@@ -144,10 +145,14 @@ class Instance:
         """End the step: finish if main ended, tidy, emit the status record, journal the step."""
         if self.main.done() and self.status == RUNNING:
             self._finish()
-        if any(f.done() for f in self.pending.values()):
-            self.pending = {k: f for k, f in self.pending.items() if not f.done()}
-        self.loop.tasks = [t for t in self.loop.tasks if not t.done()]
-        timers = tuple(self.loop.timer_dues()) if self.status == RUNNING else ()
+        pending = self.pending
+        for settled in [k for k, f in pending.items() if f.done()]:
+            del pending[settled]
+        loop = self.loop
+        if len(loop.tasks) > 2 * self._tasks_kept + 4:  # tidy now and then, not every step
+            loop.tasks = [t for t in loop.tasks if not t.done()]
+            self._tasks_kept = len(loop.tasks)
+        timers = tuple(loop.timer_dues()) if self.status == RUNNING and loop._timers else ()
         self._emit(self.settings.events_topic, self.thread_id, self._status_json(timers))
         if not self.replaying:
             j = self.journal

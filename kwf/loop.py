@@ -168,11 +168,17 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
     def run_until_idle(self) -> None:
         """Run ready callbacks, FIFO, until nothing is ready (the workflow is waiting)."""
         ready = self._ready
-        with self.running():
+        previous = events._get_running_loop()  # inline ``running()``: this is the hot path
+        events._set_running_loop(self)
+        self._running = True
+        try:
             while ready:
                 handle = ready.popleft()
                 if not handle._cancelled:
                     handle._run()
+        finally:
+            self._running = False
+            events._set_running_loop(previous)
 
     def next_timer(self) -> float | None:
         """The due time of the earliest live timer, or None."""
