@@ -213,41 +213,23 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
         )
         return WorkflowNotAvailable(msg)
 
-    def run_in_executor(self, *args: Any, **kwargs: Any) -> Any:
-        raise self._refuse("run_in_executor (threads)")
 
-    def getaddrinfo(self, *args: Any, **kwargs: Any) -> Any:
-        raise self._refuse("getaddrinfo (DNS)")
+def _refuser(name: str, what: str) -> Callable[..., Any]:
+    def refuse(self: WorkflowLoop, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse(f"{name} ({what})")
+    refuse.__name__ = name
+    return refuse
 
-    def create_connection(self, *args: Any, **kwargs: Any) -> Any:
-        raise self._refuse("create_connection (sockets)")
 
-    def create_server(self, *args: Any, **kwargs: Any) -> Any:
-        raise self._refuse("create_server (sockets)")
-
-    def subprocess_exec(self, *args: Any, **kwargs: Any) -> Any:
-        raise self._refuse("subprocess_exec (subprocesses)")
-
-    def subprocess_shell(self, *args: Any, **kwargs: Any) -> Any:
-        raise self._refuse("subprocess_shell (subprocesses)")
-
-    def add_reader(self, *args: Any, **kwargs: Any) -> Any:
-        raise self._refuse("add_reader (file descriptors)")
-
-    def add_writer(self, *args: Any, **kwargs: Any) -> Any:
-        raise self._refuse("add_writer (file descriptors)")
-
-    def sock_connect(self, *args: Any, **kwargs: Any) -> Any:
-        raise self._refuse("sock_connect (sockets)")
-
-    def sock_recv(self, *args: Any, **kwargs: Any) -> Any:
-        raise self._refuse("sock_recv (sockets)")
-
-    def add_signal_handler(self, *args: Any, **kwargs: Any) -> Any:
-        raise self._refuse("add_signal_handler (signals)")
-
-    def run_forever(self) -> None:
-        raise self._refuse("run_forever (the engine drives this loop)")
-
-    def run_until_complete(self, future: Any) -> Any:
-        raise self._refuse("run_until_complete (the engine drives this loop)")
+for _name, _what in {
+    "run_in_executor": "threads", "getaddrinfo": "DNS", "getnameinfo": "DNS",
+    "create_connection": "sockets", "create_server": "sockets", "create_datagram_endpoint":
+    "sockets", "create_unix_connection": "sockets", "create_unix_server": "sockets",
+    "sock_connect": "sockets", "sock_recv": "sockets", "sock_sendall": "sockets",
+    "sock_accept": "sockets", "subprocess_exec": "subprocesses", "subprocess_shell":
+    "subprocesses", "add_reader": "file descriptors", "add_writer": "file descriptors",
+    "connect_read_pipe": "pipes", "connect_write_pipe": "pipes", "add_signal_handler":
+    "signals", "run_forever": "the engine drives this loop", "run_until_complete":
+    "the engine drives this loop",
+}.items():
+    setattr(WorkflowLoop, _name, _refuser(_name, _what))
