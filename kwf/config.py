@@ -47,7 +47,8 @@ class Settings:
     max_payload_bytes: int = 1_000_000
     max_live: int = 10_000
     tombstone_retention_s: float = 7 * 24 * 3600.0
-    batch_size: int = 100
+    batch_size: int = 50
+    """Kafka records per input poll: a due timer waits for the current batch (bench/timers.py)."""
     kafka_properties: Path | None = None
     partitions: int = 3
     replication: int = 1

@@ -110,7 +110,16 @@ class ThreadState:
             if cmd.only_if_new and j is not None:
                 log.info("init_ignored", thread=self.key, reason="thread exists")
                 return []
-            return self._start(cmd, rec.timestamp)
+            # Timers due by the record's time fire before the replacement, as before any other
+            # record: Engine fires them when its clock reaches the record, the dataflow would
+            # otherwise lose them whenever its wall-clock timer runs late.
+            fired: list[Record] = []
+            if j is not None:
+                try:
+                    fired = self._fire_due(max(rec.timestamp, j.time))
+                except _Unavailable as e:
+                    fired = e.records
+            return fired + self._start(cmd, rec.timestamp)
         if j is None:
             return [dead_letter(rec, self.ctx.settings.dlq_topic,
                                 f"unknown-thread: no thread {self.key!r}; start it with new: "

@@ -1,0 +1,339 @@
+"""The Bytewax dataflow: Kafka records in, the per-key core, records out. Adapters only.
+
+What a record means and what a thread does is decided by ``kwf.protocol.parse`` and
+``kwf.thread`` (shared with ``kwf.testing.Engine``); this module only wires them into Bytewax:
+sources, a parse step that dead-letters what it refuses, one ``op.stateful`` logic per thread
+id and one per scheduler key, wall-clock timers through ``notify_at``, and one sink for every
+output. Snapshots are our own bytes (or builtins), never objects pickled by module path, and a
+restored thread is not replayed until it has work. Step ids below are part of the recovery
+format: renaming one silently drops its state.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import bytewax.operators as op
+import structlog
+from bytewax.dataflow import Dataflow, Stream
+from bytewax.inputs import Source
+from bytewax.outputs import Sink
+from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE
+from typing_extensions import override
+
+from kwf.config import Settings
+from kwf.protocol import (
+    Command,
+    Incoming,
+    ProtocolError,
+    Record,
+    Schedule,
+    dead_letter,
+    parse,
+)
+from kwf.registry import Registry, Workflow, WorkflowFn
+from kwf.thread import Context, ScheduleState, ThreadState
+
+log = structlog.get_logger("kwf.flow")
+
+# Step ids: recovery state is keyed by them. Never rename.
+STEP_RESUME_IN = "workflow-resume"
+STEP_SCHEDULER_IN = "workflow-scheduler"
+STEP_TEST_IN = "records"
+STEP_THREAD = "thread"
+STEP_SCHEDULER = "scheduler"
+STEP_OUT = "out"
+
+CHECK_TIMEOUT_S = 5.0
+"""How long ``from_env`` waits for the brokers: the engine must refuse to start within 10 s."""
+
+
+class _Item(NamedTuple):
+    """What the thread step receives: the thread id, the record (for DLQ headers), the command."""
+
+    key: str
+    rec: Incoming
+    command: Command
+
+
+_Parsed = Record | _Item | Schedule
+
+
+def _utc(t: float | None) -> datetime | None:
+    """Bytewax wants tzinfo exactly ``timezone.utc``; anything else crashes the dataflow."""
+    return None if t is None else datetime.fromtimestamp(t, tz=timezone.utc)
+
+
+def to_incoming(msg: Any) -> Incoming:
+    """A Kafka message as an ``Incoming``: timestamp in seconds, source ``topic/partition/offset``."""
+    if isinstance(msg, Incoming):
+        return msg
+    kind, ms = msg.timestamp or (TIMESTAMP_NOT_AVAILABLE, 0)
+    stamp = ms / 1000 if kind != TIMESTAMP_NOT_AVAILABLE and ms >= 0 else time.time()
+    return Incoming(msg.topic, msg.key, msg.value, stamp,
+                    f"{msg.topic}/{msg.partition}/{msg.offset}")
+
+
+class _Contexts:
+    """One ``Context`` per worker, made on first use, so one ``LiveCache`` bounds each worker.
+
+    Keyed by OS thread because a Bytewax worker is one thread: a cache shared by two workers
+    could evict (and close) an instance that the other worker is in the middle of stepping.
+    """
+
+    def __init__(self, registry: Registry, settings: Settings) -> None:
+        self.registry = registry
+        self.settings = settings
+        self._by_worker: dict[int, Context] = {}
+        self._lock = threading.Lock()
+
+    def get(self) -> Context:
+        ident = threading.get_ident()
+        ctx = self._by_worker.get(ident)
+        if ctx is None:
+            with self._lock:
+                ctx = self._by_worker.setdefault(ident, Context(self.registry, self.settings))
+        return ctx
+
+
+class _ThreadLogic(op.StatefulLogic[_Item, Record, bytes]):
+    """Bytewax's handle on one ``ThreadState``; every rule lives in ``kwf.thread``."""
+
+    def __init__(self, ctx: Context, resume: bytes | None) -> None:
+        self.ctx = ctx
+        # Decoding is cheap; the live instance is rebuilt by replay only when work arrives.
+        self.state = ThreadState.restore(resume, ctx) if resume is not None else None
+
+    def _done(self, records: list[Record]) -> tuple[list[Record], bool]:
+        gone = self.state is None or self.state.journal is None
+        return records, self.DISCARD if gone else self.RETAIN
+
+    @override
+    def on_item(self, value: _Item) -> tuple[list[Record], bool]:
+        if self.state is None:
+            self.state = ThreadState(value.key, self.ctx)
+        return self._done(self.state.on_command(value.rec, value.command))
+
+    @override
+    def on_notify(self) -> tuple[list[Record], bool]:
+        if self.state is None:
+            return self._done([])
+        return self._done(self.state.on_timer(time.time()))
+
+    @override
+    def notify_at(self) -> datetime | None:
+        return _utc(self.state.wakeup()) if self.state is not None else None
+
+    @override
+    def snapshot(self) -> bytes:
+        data = self.state.snapshot() if self.state is not None else None
+        if data is None:  # cannot happen: a state without a journal is discarded
+            msg = "kwf: snapshot of a thread with no journal; it should have been discarded"
+            raise RuntimeError(msg)
+        return data
+
+
+class _ScheduleLogic(op.StatefulLogic[Schedule, Record, tuple[str, dict[str, float]]]):
+    """Bytewax's handle on one ``ScheduleState``; the snapshot carries the key (builders lack it)."""
+
+    def __init__(self, resume_topic: str, resume: tuple[str, dict[str, float]] | None) -> None:
+        self.resume_topic = resume_topic
+        self.state = ScheduleState(*resume) if resume is not None else None
+
+    def _done(self, records: list[Record]) -> tuple[list[Record], bool]:
+        empty = self.state is None or not self.state.entries
+        return records, self.DISCARD if empty else self.RETAIN
+
+    @override
+    def on_item(self, value: Schedule) -> tuple[list[Record], bool]:
+        if self.state is None:
+            self.state = ScheduleState(value.key)
+        self.state.on_schedule(value)
+        return self._done([])
+
+    @override
+    def on_notify(self) -> tuple[list[Record], bool]:
+        if self.state is None:
+            return self._done([])
+        return self._done(self.state.on_timer(time.time(), self.resume_topic))
+
+    @override
+    def notify_at(self) -> datetime | None:
+        return _utc(self.state.wakeup()) if self.state is not None else None
+
+    @override
+    def snapshot(self) -> tuple[str, dict[str, float]]:
+        assert self.state is not None
+        return self.state.key, dict(self.state.entries)
+
+
+def _parser(settings: Settings, registry: Registry) -> Any:
+    def parse_one(rec: Incoming) -> _Parsed:
+        try:
+            key, what = parse(rec, settings, registry)
+        except ProtocolError as e:
+            return dead_letter(rec, settings.dlq_topic, str(e))
+        except Exception as e:  # a bug of ours: dead-letter the record rather than crash-loop
+            log.exception("internal_error", during="parse", source=rec.source)
+            return dead_letter(rec, settings.dlq_topic, f"internal: {type(e).__name__}: {e}")
+        return what if isinstance(what, Schedule) else _Item(key, rec, what)
+
+    return parse_one
+
+
+def kafka_sources(settings: Settings) -> dict[str, Source[Any]]:
+    """The two Kafka inputs, by step id: ``workflow-resume`` and ``workflow-scheduler``.
+
+    Always from the beginning of a partition the recovery store has no offset for (never
+    ``OFFSET_END``, which skips what arrived while the engine was down), and tailing.
+    """
+    from bytewax.connectors.kafka import KafkaSource
+
+    brokers = [b.strip() for b in settings.brokers.split(",") if b.strip()]
+    return {
+        step: KafkaSource(brokers, [topic], tail=True, starting_offset=OFFSET_BEGINNING,
+                          add_config=settings.kafka_config(), batch_size=settings.batch_size)
+        for step, topic in ((STEP_RESUME_IN, settings.resume_topic),
+                            (STEP_SCHEDULER_IN, settings.scheduler_topic))
+    }
+
+
+def build_flow(settings: Settings, registry: Registry | None = None, *,
+               source: Source[Any] | None = None, sink: Sink[Record] | None = None) -> Dataflow:
+    """Build the engine's dataflow.
+
+    Args:
+        settings: topics, limits, brokers and the live-instance budget (per worker).
+        registry: the workflows served; every registered one (and ``settings.default_workflow``)
+            if None. Workflow modules must be imported before.
+        source: one input of ``Incoming`` records (or Kafka messages) instead of the two Kafka
+            topics; for ``run_flow``.
+        sink: where every output goes instead of ``KafkaRecordSink``.
+    """
+    if registry is None:
+        registry = Registry(None, settings.default_workflow)
+    contexts = _Contexts(registry, settings)
+    flow = Dataflow("kwf")  # the flow id prefixes every recovery key, like the step ids
+    if source is not None:
+        raw: Stream[Any] = op.input(STEP_TEST_IN, flow, source)
+    else:
+        ins = [op.input(step, flow, src) for step, src in kafka_sources(settings).items()]
+        raw = op.merge("inputs", *ins)
+    parsed = op.map("parse", op.map("incoming", raw, to_incoming), _parser(settings, registry))
+    bad = op.branch("valid", parsed, lambda p: isinstance(p, Record))
+    kind = op.branch("kind", bad.falses, lambda p: isinstance(p, Schedule))
+
+    items = op.key_on("by-thread", kind.falses, lambda it: it.key)
+    threads = op.stateful(STEP_THREAD, items,
+                          lambda resume: _ThreadLogic(contexts.get(), resume))
+    schedules = op.key_on("by-scheduler-key", kind.trues, lambda s: s.key)
+    fired = op.stateful(STEP_SCHEDULER, schedules,
+                        lambda resume: _ScheduleLogic(settings.resume_topic, resume))
+
+    outputs = op.merge("outputs", bad.trues, op.key_rm("thread-records", threads),
+                       op.key_rm("scheduler-records", fired))
+    if sink is None:
+        from kwf.kafka.sink import KafkaRecordSink
+
+        sink = KafkaRecordSink(settings.kafka_config())
+    op.output(STEP_OUT, outputs, sink)
+    return flow
+
+
+class StartupError(RuntimeError):
+    """The engine cannot start as configured; the message says what to change."""
+
+
+def from_env() -> Dataflow:
+    """The engine as ``dataflow.py`` runs it: settings from ``KWF_*``, brokers checked first.
+
+    Raises ``StartupError`` for unusable workflow settings, and ``kwf.kafka.KafkaSetupError``
+    within ``CHECK_TIMEOUT_S`` when the brokers are unreachable or a topic is missing (Bytewax's
+    Kafka source would hang for ever instead).
+    """
+    from kwf.kafka.admin import check_brokers, required_topics
+    from kwf.registry import load_modules
+
+    settings = Settings.from_env()
+    try:
+        load_modules(settings.workflows)
+    except ImportError as e:
+        msg = (f"cannot import the workflow modules KWF_WORKFLOWS={','.join(settings.workflows)} "
+               f"({e}); name importable modules, and check PYTHONPATH")
+        raise StartupError(msg) from e
+    try:
+        registry = Registry(None, settings.default_workflow)
+    except ValueError as e:
+        raise StartupError(f"{e}; fix KWF_DEFAULT_WORKFLOW") from e
+    if not registry.workflows:
+        msg = (f"the modules KWF_WORKFLOWS={','.join(settings.workflows)} register no workflow; "
+               "decorate them with @kwf.workflow")
+        raise StartupError(msg)
+    topics = required_topics(settings)
+    check_brokers(settings.kafka_config(), topics, timeout=CHECK_TIMEOUT_S)
+    log.info("engine_starting", brokers=settings.brokers, workflows=sorted(registry.workflows),
+             default=registry.default, topics=topics, batch_size=settings.batch_size,
+             max_live=settings.max_live)
+    return build_flow(settings, registry)
+
+
+# -- in-process runs -----------------------------------------------------------------------------
+
+_Text = str | bytes | None
+RecordTuple = tuple[str, _Text, _Text] | tuple[str, _Text, _Text, float]
+
+
+def run_flow(records: Sequence[RecordTuple | Any], *, settings: Settings | None = None,
+             workflows: Iterable[Workflow | WorkflowFn] | None = None,
+             default: str | None = None, recovery_dir: str | Path | None = None,
+             epoch_interval: timedelta = timedelta(seconds=10), linger: float = 0.0,
+             start_time: float | None = None, batch_size: int = 1) -> list[Record]:
+    """Run the real dataflow in-process over ``(topic, key, value[, timestamp])`` records.
+
+    Outputs are returned, not fed back (no Kafka in between): a record to ``workflow-resume``
+    or ``workflow-scheduler`` is just an output here. Timers use the wall clock, as in
+    production, and Bytewax never fires a timer still pending when the input ends: give
+    ``linger`` seconds to keep the input open after the last record.
+
+    ``bytewax.testing.TestingSource.ABORT()`` items among the records stop the execution there
+    (once per object); call again with the same list and ``recovery_dir`` to resume, as after a
+    crash. Unlike ``TestingSource``, positions count records only, so sentinels do not shift
+    what a resume skips.
+
+    Args:
+        records: the input; a record without timestamp gets ``start_time``.
+        settings: topic names and limits (``Settings()`` if None).
+        workflows, default: as for ``kwf.testing.Engine``.
+        recovery_dir: a Bytewax recovery directory (created and initialised with one
+            partition if it does not exist yet).
+        epoch_interval: how often state is snapshotted, when ``recovery_dir`` is given.
+        linger: seconds to keep the input open after the last record, for timers to fire.
+        start_time: the default timestamp (seconds since the epoch); now if None.
+        batch_size: records per input batch.
+    """
+    from bytewax.recovery import RecoveryConfig, init_db_dir
+    from bytewax.testing import TestingSink, run_main
+
+    from kwf._testing_source import ListSource
+
+    settings = settings or Settings()
+    registry = Registry(workflows, default or settings.default_workflow)
+    stamp = time.time() if start_time is None else start_time
+    out: list[Record] = []
+    flow = build_flow(settings, registry, sink=TestingSink(out),
+                      source=ListSource(records, stamp, linger=linger, batch_size=batch_size))
+    recovery = None
+    if recovery_dir is not None:
+        path = Path(recovery_dir)
+        if not (path / "part-0.sqlite3").exists():
+            path.mkdir(parents=True, exist_ok=True)
+            init_db_dir(path, 1)  # type: ignore[no-untyped-call]  # bytewax ships no annotations
+        recovery = RecoveryConfig(str(path))  # type: ignore[no-untyped-call]  # idem
+    run_main(flow, epoch_interval=epoch_interval,  # type: ignore[no-untyped-call]  # idem
+             recovery_config=recovery)
+    return out
