@@ -11,6 +11,8 @@ format: renaming one silently drops its state.
 
 from __future__ import annotations
 
+import gc
+import sys
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -26,7 +28,7 @@ from bytewax.outputs import Sink
 from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE
 from typing_extensions import override
 
-from kwf.config import Settings
+from kwf.config import ENGINE_GC_THRESHOLDS, Settings
 from kwf.protocol import (
     Command,
     Incoming,
@@ -79,8 +81,50 @@ def to_incoming(msg: Any) -> Incoming:
                     f"{msg.topic}/{msg.partition}/{msg.offset}")
 
 
-class _Contexts:
-    """One ``Context`` per worker, made on first use, so one ``LiveCache`` bounds each worker.
+class InputClock:
+    """The time at which this worker's timers may fire: the wall clock, held back by the input.
+
+    A timer due at ``t`` fires once the worker has applied input up to ``t`` (a record stamped
+    ``t`` or later), or once the input has been quiet for ``idle_s``. Without this, after a
+    restart or under a backlog, wall-clock timers would fire before replies that are already
+    waiting in Kafka with earlier timestamps, and every deadline would expire. ``kwf.testing.
+    Engine`` needs no such rule: its virtual clock only moves between records.
+    """
+
+    RECHECK_S = 0.02
+    """How often a held-back timer looks again (instead of a busy loop)."""
+
+    def __init__(self, idle_s: float) -> None:
+        self.idle_s = idle_s
+        self.high = 0.0
+        self.last_input = time.monotonic()  # a fresh worker waits for its input to start
+
+    def saw(self, timestamp: float | None) -> None:
+        """Input arrived (stamped ``timestamp``, if it carries event time kwf can use)."""
+        if timestamp is not None and timestamp > self.high:
+            self.high = timestamp
+        self.last_input = time.monotonic()
+
+    def now(self) -> float:
+        wall = time.time()
+        if time.monotonic() - self.last_input >= self.idle_s:
+            return wall
+        return min(wall, self.high)
+
+    def notify_at(self, wakeup: float | None) -> datetime | None:
+        """When Bytewax should call back: the due time, or soon if the input holds it back."""
+        if wakeup is not None and wakeup > self.now() and wakeup <= time.time():
+            wakeup = time.time() + self.RECHECK_S
+        return _utc(wakeup)
+
+
+class _Worker(NamedTuple):
+    ctx: Context
+    clock: InputClock
+
+
+class _Workers:
+    """One ``Context`` and one ``InputClock`` per worker, made on first use.
 
     Keyed by OS thread because a Bytewax worker is one thread: a cache shared by two workers
     could evict (and close) an instance that the other worker is in the middle of stepping.
@@ -89,25 +133,26 @@ class _Contexts:
     def __init__(self, registry: Registry, settings: Settings) -> None:
         self.registry = registry
         self.settings = settings
-        self._by_worker: dict[int, Context] = {}
+        self._by_thread: dict[int, _Worker] = {}
         self._lock = threading.Lock()
 
-    def get(self) -> Context:
+    def get(self) -> _Worker:
         ident = threading.get_ident()
-        ctx = self._by_worker.get(ident)
-        if ctx is None:
+        worker = self._by_thread.get(ident)
+        if worker is None:
             with self._lock:
-                ctx = self._by_worker.setdefault(ident, Context(self.registry, self.settings))
-        return ctx
+                worker = self._by_thread.setdefault(ident, _Worker(
+                    Context(self.registry, self.settings), InputClock(self.settings.input_idle_s)))
+        return worker
 
 
 class _ThreadLogic(op.StatefulLogic[_Item, Record, bytes]):
     """Bytewax's handle on one ``ThreadState``; every rule lives in ``kwf.thread``."""
 
-    def __init__(self, ctx: Context, resume: bytes | None) -> None:
-        self.ctx = ctx
+    def __init__(self, worker: _Worker, resume: bytes | None) -> None:
+        self.ctx, self.clock = worker
         # Decoding is cheap; the live instance is rebuilt by replay only when work arrives.
-        self.state = ThreadState.restore(resume, ctx) if resume is not None else None
+        self.state = ThreadState.restore(resume, self.ctx) if resume is not None else None
 
     def _done(self, records: list[Record]) -> tuple[list[Record], bool]:
         gone = self.state is None or self.state.journal is None
@@ -117,17 +162,18 @@ class _ThreadLogic(op.StatefulLogic[_Item, Record, bytes]):
     def on_item(self, value: _Item) -> tuple[list[Record], bool]:
         if self.state is None:
             self.state = ThreadState(value.key, self.ctx)
+        self.clock.saw(value.rec.timestamp)
         return self._done(self.state.on_command(value.rec, value.command))
 
     @override
     def on_notify(self) -> tuple[list[Record], bool]:
         if self.state is None:
             return self._done([])
-        return self._done(self.state.on_timer(time.time()))
+        return self._done(self.state.on_timer(self.clock.now()))
 
     @override
     def notify_at(self) -> datetime | None:
-        return _utc(self.state.wakeup()) if self.state is not None else None
+        return self.clock.notify_at(self.state.wakeup()) if self.state is not None else None
 
     @override
     def snapshot(self) -> bytes:
@@ -141,8 +187,10 @@ class _ThreadLogic(op.StatefulLogic[_Item, Record, bytes]):
 class _ScheduleLogic(op.StatefulLogic[Schedule, Record, tuple[str, dict[str, float]]]):
     """Bytewax's handle on one ``ScheduleState``; the snapshot carries the key (builders lack it)."""
 
-    def __init__(self, resume_topic: str, resume: tuple[str, dict[str, float]] | None) -> None:
+    def __init__(self, resume_topic: str, clock: InputClock,
+                 resume: tuple[str, dict[str, float]] | None) -> None:
         self.resume_topic = resume_topic
+        self.clock = clock
         self.state = ScheduleState(*resume) if resume is not None else None
 
     def _done(self, records: list[Record]) -> tuple[list[Record], bool]:
@@ -153,6 +201,7 @@ class _ScheduleLogic(op.StatefulLogic[Schedule, Record, tuple[str, dict[str, flo
     def on_item(self, value: Schedule) -> tuple[list[Record], bool]:
         if self.state is None:
             self.state = ScheduleState(value.key)
+        self.clock.saw(None)
         self.state.on_schedule(value)
         return self._done([])
 
@@ -160,11 +209,11 @@ class _ScheduleLogic(op.StatefulLogic[Schedule, Record, tuple[str, dict[str, flo
     def on_notify(self) -> tuple[list[Record], bool]:
         if self.state is None:
             return self._done([])
-        return self._done(self.state.on_timer(time.time(), self.resume_topic))
+        return self._done(self.state.on_timer(self.clock.now(), self.resume_topic))
 
     @override
     def notify_at(self) -> datetime | None:
-        return _utc(self.state.wakeup()) if self.state is not None else None
+        return self.clock.notify_at(self.state.wakeup()) if self.state is not None else None
 
     @override
     def snapshot(self) -> tuple[str, dict[str, float]]:
@@ -217,7 +266,7 @@ def build_flow(settings: Settings, registry: Registry | None = None, *,
     """
     if registry is None:
         registry = Registry(None, settings.default_workflow)
-    contexts = _Contexts(registry, settings)
+    workers = _Workers(registry, settings)
     flow = Dataflow("kwf")  # the flow id prefixes every recovery key, like the step ids
     if source is not None:
         raw: Stream[Any] = op.input(STEP_TEST_IN, flow, source)
@@ -230,10 +279,11 @@ def build_flow(settings: Settings, registry: Registry | None = None, *,
 
     items = op.key_on("by-thread", kind.falses, lambda it: it.key)
     threads = op.stateful(STEP_THREAD, items,
-                          lambda resume: _ThreadLogic(contexts.get(), resume))
+                          lambda resume: _ThreadLogic(workers.get(), resume))
     schedules = op.key_on("by-scheduler-key", kind.trues, lambda s: s.key)
     fired = op.stateful(STEP_SCHEDULER, schedules,
-                        lambda resume: _ScheduleLogic(settings.resume_topic, resume))
+                        lambda resume: _ScheduleLogic(settings.resume_topic, workers.get().clock,
+                                                      resume))
 
     outputs = op.merge("outputs", bad.trues, op.key_rm("thread-records", threads),
                        op.key_rm("scheduler-records", fired))
@@ -243,6 +293,16 @@ def build_flow(settings: Settings, registry: Registry | None = None, *,
         sink = KafkaRecordSink(settings.kafka_config())
     op.output(STEP_OUT, outputs, sink)
     return flow
+
+
+def _configure_process() -> None:
+    """What the engine process needs and a library must not impose: JSON logs on stderr (one
+    event per line, for collectors) and GC thresholds for many long-lived objects."""
+    gc.set_threshold(*ENGINE_GC_THRESHOLDS)
+    structlog.configure(
+        processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper("iso"),
+                    structlog.processors.format_exc_info, structlog.processors.JSONRenderer()],
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr))
 
 
 class StartupError(RuntimeError):
@@ -260,6 +320,7 @@ def from_env() -> Dataflow:
     from kwf.registry import load_modules
 
     settings = Settings.from_env()
+    _configure_process()
     try:
         load_modules(settings.workflows)
     except ImportError as e:

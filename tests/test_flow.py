@@ -325,3 +325,23 @@ def test_engine_refuses_to_start_within_10_s_when_brokers_are_unreachable(tmp_pa
     assert time.monotonic() - started < 10
     assert done.returncode != 0
     assert "unreachable" in done.stderr and "kwf kafka start" in done.stderr
+
+
+def test_a_backlog_is_applied_before_the_timers_it_precedes() -> None:
+    """Records already waiting (stamped before a deadline) win over the wall clock: after an
+    outage every timer is due, yet replies sent in time must still count. (With the input clock
+    disabled, ``input_idle_s=0``, this flow abandons the carts that the Engine orders.)"""
+    t0 = time.time() - 60  # the whole conversation happened a minute ago; the engine was down
+    records: list[Any] = []
+    for i in range(4):
+        records.append((RESUME, f"c{i}", 'new:fcart:{"timeout": 1}', t0))
+    for step in range(1, 4):
+        for i in range(4):
+            records.append((RESUME, f"c{i}", resume("", "cart", {"op": "add", "item": step}),
+                            t0 + 0.8 * step))
+    for i in range(4):
+        records.append((RESUME, f"c{i}", resume("", "cart", {"op": "checkout"}), t0 + 3.0))
+    flow_out = run_flow(records, workflows=fw.ALL)
+    statuses = sorted(r.json()["status"] for r in flow_out if r.topic == "workflow-result")
+    assert statuses == ["ordered"] * 4
+    assert_same(flow_out, engine_outputs(records, fw.ALL))
