@@ -265,3 +265,33 @@ def test_cart_signals_reminder_and_abandonment_end_to_end(kafka_engine: KafkaEng
     assert got[("result", back, json.dumps({"items": [item], "email": "back@example.com"}))] == 1
     assert not [r for r in collector.records if r.topic == s.dlq_topic]
     assert got == in_engine(ecommerce.cart, handlers, messages)
+
+
+def test_demo_summary_matches_engine_thread_by_thread(kafka_engine: KafkaEngine):
+    """``kwf demo`` against the real engine: every thread ends, and each one's status and result
+    are those ``Engine`` gives the same thread with the same services on virtual time."""
+    from kwf.demo import KINDS, run_demo, start_records
+    from workflows._services import demo_services
+
+    report = run_demo(kafka_engine.settings, 8, timeout=WAIT_S)
+    kafka_engine.check_alive()
+    assert not report.stalled and report.finished == 8 * len(KINDS)
+    eng = Engine()
+    for topic, handler in demo_services().handlers().items():
+        eng.handle(topic, handler)
+    for thread, seen in report.threads.items():
+        for value in start_records(seen.kind, thread, int(thread.rsplit("-", 1)[1])):
+            eng.send(thread, value)
+    eng.advance(3600)
+    expected = {t: eng.status(t)["status"] for t in report.threads}
+    assert {t: seen.status for t, seen in report.threads.items()} == expected
+    def timeless(result: Any) -> Any:  # approvals report how long they took: latency differs
+        return {k: v for k, v in result.items() if k != "after"} if isinstance(result, dict) \
+            else result
+
+    for thread, seen in report.threads.items():
+        if seen.status == "completed":
+            assert timeless(seen.result) == timeless(eng.result(thread)), thread
+    counts = report.counts()
+    assert sum(counts["all"].values()) == len(report.threads)
+    assert counts["all"]["running"] == 0
