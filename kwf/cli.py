@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
     try:
-        return args.handler(args)
+        code: int = args.handler(args)
+        return code
     except KafkaSetupError as exc:
         print(f"kwf: error: {exc}", file=sys.stderr)
         return 1
@@ -61,7 +62,7 @@ def _configure_logging(verbose: bool) -> None:
 # -- kwf kafka start|stop|status|reset -------------------------------------------------------
 
 
-def register_kafka(commands: argparse._SubParsersAction) -> None:
+def register_kafka(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     kafka = commands.add_parser("kafka", help="the local development Kafka broker")
     actions = kafka.add_subparsers(title="actions", metavar="ACTION", required=True)
     for name, handler, help_text in (
@@ -144,7 +145,7 @@ def kafka_reset(args: argparse.Namespace) -> int:
 # -- kwf topics create|check -----------------------------------------------------------------
 
 
-def register_topics(commands: argparse._SubParsersAction) -> None:
+def register_topics(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     topics = commands.add_parser("topics", help="the Kafka topics kwf needs")
     actions = topics.add_subparsers(title="actions", metavar="ACTION", required=True)
     create = actions.add_parser("create", help="create missing engine and workflow output topics")
@@ -186,6 +187,6 @@ def topics_check(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     register_up, register_kafka, register_topics, register_demo]
 """Top-level commands, in help order; `up` and `demo` register here too."""

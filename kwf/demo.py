@@ -334,7 +334,7 @@ def render_summary(report: DemoReport, table: bool = True) -> str:
 
 
 # -- command line ---------------------------------------------------------------------------------
-def register_demo(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``kwf demo`` to the ``kwf`` command (append to ``kwf.cli.COMMANDS``)."""
     demo = commands.add_parser(
         "demo", help="run N example workflows of each kind against the running engine")

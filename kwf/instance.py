@@ -44,7 +44,7 @@ class Instance:
         self.journal = journal
         self.settings = settings
         self.thread_id = journal.thread
-        self.loop = WorkflowLoop(journal.started, journal.thread)
+        self.loop = WorkflowLoop(journal.started, journal.thread)  # type: ignore[abstract]
         self.loop.instance = self
         self.rng = random.Random(zlib.crc32(f"{journal.thread}/{journal.base_step}".encode()))
         self.pending: dict[str, _Future] = {}
@@ -111,6 +111,7 @@ class Instance:
 
     def _settle(self, event: Event) -> bool:
         kind, time, ref, payload = event
+        future: _Future | None = None
         if kind in (RESUME, ERROR):
             future = self.pending.get(ref)
             if future is None or future.done():
@@ -124,9 +125,9 @@ class Instance:
         self.step += 1
         self._begin(time)
         if kind == RESUME:
-            future.set_result(payload)
+            future.set_result(payload)  # type: ignore[union-attr]  # checked above
         elif kind == ERROR:
-            future.set_exception(RemoteError(payload))
+            future.set_exception(RemoteError(payload))  # type: ignore[union-attr]  # idem
         elif kind == TIMER:
             self.loop.fire_timers(time)
         else:
@@ -275,7 +276,7 @@ class Instance:
                     continue
                 task._log_destroy_pending = False  # type: ignore[attr-defined]
                 try:
-                    task.get_coro().close()  # type: ignore[union-attr]
+                    task.get_coro().close()
                 except BaseException as e:  # a finally that awaits, or raises
                     log.warning("workflow_close_error", thread=self.thread_id,
                                 error=repr(e), task=task.get_name())

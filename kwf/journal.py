@@ -76,7 +76,8 @@ _FIELDS = tuple(f.name for f in fields(Journal))
 
 def encode(journal: Journal) -> bytes:
     """Bytes for a snapshot: a format number and the fields as a tuple of builtins."""
-    return cloudpickle.dumps((FORMAT, tuple(getattr(journal, f) for f in _FIELDS)))
+    data: bytes = cloudpickle.dumps((FORMAT, tuple(getattr(journal, f) for f in _FIELDS)))
+    return data
 
 
 def decode(data: bytes) -> Journal:

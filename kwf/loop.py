@@ -47,6 +47,13 @@ class _Task(asyncio.Task):  # type: ignore[type-arg]
     def __hash__(self) -> int:
         return self._kwf_n
 
+def _refuser(name: str, what: str) -> Callable[..., Any]:
+    """A loop method that workflow code must not reach: it raises, naming the thread and why."""
+    def refuse(self: WorkflowLoop, *args: Any, **kwargs: Any) -> Any:
+        raise self._refuse(f"{name} ({what})")
+    refuse.__name__ = name
+    return refuse
+
 
 class WorkflowLoop(asyncio.AbstractEventLoop):
     """An asyncio loop for one workflow thread: FIFO, logical time, no I/O.
@@ -111,20 +118,21 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
 
         This is how ``kwf.all([a(), b()])`` gives ``a`` its suspend ids before ``b``.
         """
-        self._eager = captured = []
+        captured: list[asyncio.Handle] = []
+        self._eager = captured
         try:
             task = self.create_task(coro)
         finally:
             self._eager = None
         current = tasks.current_task(self) if self._running else None
         if current is not None:
-            tasks._leave_task(self, current)  # type: ignore[attr-defined]
+            tasks._leave_task(self, current)
         try:
             for handle in captured:
                 handle._run()
         finally:
             if current is not None:
-                tasks._enter_task(self, current)  # type: ignore[attr-defined]
+                tasks._enter_task(self, current)
         return task
 
     def is_running(self) -> bool:
@@ -213,23 +221,24 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
         )
         return WorkflowNotAvailable(msg)
 
-
-def _refuser(name: str, what: str) -> Callable[..., Any]:
-    def refuse(self: WorkflowLoop, *args: Any, **kwargs: Any) -> Any:
-        raise self._refuse(f"{name} ({what})")
-    refuse.__name__ = name
-    return refuse
-
-
-for _name, _what in {
-    "run_in_executor": "threads", "getaddrinfo": "DNS", "getnameinfo": "DNS",
-    "create_connection": "sockets", "create_server": "sockets", "create_datagram_endpoint":
-    "sockets", "create_unix_connection": "sockets", "create_unix_server": "sockets",
-    "sock_connect": "sockets", "sock_recv": "sockets", "sock_sendall": "sockets",
-    "sock_accept": "sockets", "subprocess_exec": "subprocesses", "subprocess_shell":
-    "subprocesses", "add_reader": "file descriptors", "add_writer": "file descriptors",
-    "connect_read_pipe": "pipes", "connect_write_pipe": "pipes", "add_signal_handler":
-    "signals", "run_forever": "the engine drives this loop", "run_until_complete":
-    "the engine drives this loop",
-}.items():
-    setattr(WorkflowLoop, _name, _refuser(_name, _what))
+    run_in_executor = _refuser("run_in_executor", "threads")
+    getaddrinfo = _refuser("getaddrinfo", "DNS")
+    getnameinfo = _refuser("getnameinfo", "DNS")
+    create_connection = _refuser("create_connection", "sockets")
+    create_server = _refuser("create_server", "sockets")
+    create_datagram_endpoint = _refuser("create_datagram_endpoint", "sockets")
+    create_unix_connection = _refuser("create_unix_connection", "sockets")
+    create_unix_server = _refuser("create_unix_server", "sockets")
+    sock_connect = _refuser("sock_connect", "sockets")
+    sock_recv = _refuser("sock_recv", "sockets")
+    sock_sendall = _refuser("sock_sendall", "sockets")
+    sock_accept = _refuser("sock_accept", "sockets")
+    subprocess_exec = _refuser("subprocess_exec", "subprocesses")
+    subprocess_shell = _refuser("subprocess_shell", "subprocesses")
+    add_reader = _refuser("add_reader", "file descriptors")
+    add_writer = _refuser("add_writer", "file descriptors")
+    connect_read_pipe = _refuser("connect_read_pipe", "pipes")
+    connect_write_pipe = _refuser("connect_write_pipe", "pipes")
+    add_signal_handler = _refuser("add_signal_handler", "signals")
+    run_forever = _refuser("run_forever", "the engine drives this loop")
+    run_until_complete = _refuser("run_until_complete", "the engine drives this loop")

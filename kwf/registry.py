@@ -13,7 +13,7 @@ import inspect
 import pkgutil
 import re
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Iterable, TypeVar, overload
+from typing import Any, Awaitable, Callable, Iterable, TypeVar, cast, overload
 
 NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\Z")
 _RESERVED = frozenset({"true", "false", "null"})
@@ -87,7 +87,7 @@ def workflow(name: Any = None) -> Any:
         fingerprint, location = _fingerprint(fn)
         _REGISTERED[wf_name] = Workflow(wf_name, fn, fingerprint, location)
         fn.__kwf_workflow__ = _REGISTERED[wf_name]  # type: ignore[attr-defined]
-        return fn
+        return cast(F, fn)  # iscoroutinefunction narrowed it
 
     return register
 
@@ -151,7 +151,7 @@ class Registry:
 def _as_workflow(item: Workflow | WorkflowFn) -> Workflow:
     if isinstance(item, Workflow):
         return item
-    wf = getattr(item, "__kwf_workflow__", None)
+    wf: Workflow | None = getattr(item, "__kwf_workflow__", None)
     if wf is None:
         msg = f"{item!r} is not a workflow; decorate it with @kwf.workflow"
         raise TypeError(msg)

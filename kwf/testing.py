@@ -166,7 +166,8 @@ class Engine:
 
     # -- the loop ------------------------------------------------------------------------
     def _wakeups(self) -> Iterable[float]:
-        for state in itertools.chain(self.schedules.values(), self.threads.values()):
+        states: list[ScheduleState | ThreadState] = [*self.schedules.values(), *self.threads.values()]
+        for state in states:
             t = state.wakeup()
             if t is not None:
                 yield t

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 """The checkout: ``dataflow.py`` and ``workflows/`` live here."""
 
 
-def register_up(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register_up(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up = commands.add_parser("up", help="local Kafka + topics + the engine + the example workflows")
     up.add_argument("--port", type=int, default=DEFAULT_PORT, help="broker port (%(default)s)")
     up.add_argument("--state", default=".kwf", help="engine state directory (%(default)s)")

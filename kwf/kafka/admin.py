@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 
 import structlog
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
+from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic  # type: ignore[attr-defined]  # exported, not declared
 
 from kwf.config import Settings
 
