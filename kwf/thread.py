@@ -105,36 +105,29 @@ class ThreadState:
                                 "resend the record after fixing the engine")]
 
     def _on_command(self, rec: Incoming, cmd: Command) -> list[Record]:
-        j = self.journal
+        j, dlq = self.journal, self.ctx.settings.dlq_topic
+        if j is None and not isinstance(cmd, Start):
+            return [dead_letter(rec, dlq, f"unknown-thread: no thread {self.key!r}; start it "
+                                          "with new: or init:, or check the key")]
+        if isinstance(cmd, Start) and cmd.only_if_new and j is not None:
+            log.info("init_ignored", thread=self.key, reason="thread exists")
+            return []
+        time = max(rec.timestamp, j.time) if j is not None else rec.timestamp
+        try:  # timers due by the record's time fire first, as Engine's clock reaches the record
+            out = self._fire_due(time)
+        except _Unavailable as e:
+            if e.reason is not None and not isinstance(cmd, Start):
+                return e.records + [dead_letter(rec, dlq, e.reason)]
+            out = e.records
         if isinstance(cmd, Start):
-            if cmd.only_if_new and j is not None:
-                log.info("init_ignored", thread=self.key, reason="thread exists")
-                return []
-            # Timers due by the record's time fire before the replacement, as before any other
-            # record: Engine fires them when its clock reaches the record, the dataflow would
-            # otherwise lose them whenever its wall-clock timer runs late.
-            fired: list[Record] = []
-            if j is not None:
-                try:
-                    fired = self._fire_due(max(rec.timestamp, j.time))
-                except _Unavailable as e:
-                    fired = e.records
-            return fired + self._start(cmd, rec.timestamp)
-        if j is None:
-            return [dead_letter(rec, self.ctx.settings.dlq_topic,
-                                f"unknown-thread: no thread {self.key!r}; start it with new: "
-                                "or init:, or check the key")]
-        time = max(rec.timestamp, j.time)
-        out = self._fire_due(time)
+            return out + self._start(cmd, rec.timestamp)
         if self.journal is None or self.journal.finished:
             log.info("record_for_finished_thread_ignored", thread=self.key, source=rec.source)
             return out
         try:
             instance = self._live()
         except _Unavailable as e:
-            if e.reason is None:
-                return out + e.records
-            return out + [dead_letter(rec, self.ctx.settings.dlq_topic, e.reason)]
+            return out + e.records + ([dead_letter(rec, dlq, e.reason)] if e.reason else [])
         if isinstance(cmd, Resume):
             event: Event = (ERROR if cmd.is_error else RESUME, time, cmd.ref,
                             cmd.error if cmd.is_error else cmd.value)

@@ -221,3 +221,38 @@ def test_finished_thread_cancels_leftovers_before_result():
         assert [(r.topic, r.value) for r in out][:3] == [
             ("det-out", "main finally of a"), ("det-out", "finally of a"),
             ("workflow-result", '"ok"')]
+
+
+def test_divergence_found_while_firing_a_timer_before_a_record_parks_the_thread():
+    """The dataflow's path: a record arrives after a timer's due time (the wall-clock notify ran
+    late), the thread is rebuilt to fire the timer first, and its replay diverges: it is parked
+    with its error records, and the record is not dead-lettered as an engine error."""
+    from kwf.config import Settings
+    from kwf.protocol import Incoming, Resume, parse_command
+    from kwf.registry import Registry
+    from kwf.thread import Context, ThreadState
+
+    async def v1(arg):
+        await kwf.suspend("x")
+        await asyncio.sleep(10)
+        await kwf.suspend("a")
+
+    async def v2(arg):
+        await kwf.suspend("x")
+        kwf.output("changed", "det-out")
+        await asyncio.sleep(10)
+        await kwf.suspend("a")
+
+    def rec(value, t):
+        return Incoming("workflow-resume", "t1", value, t, f"workflow-resume/0/{t}")
+
+    ctx = Context(Registry([kwf.workflow("det-timed")(v1)]), Settings())
+    state = ThreadState("t1", ctx)
+    state.on_command(rec("new:{}", 0.0), parse_command("new:{}"))
+    state.on_command(rec('{"ref": "x"}', 1.0), Resume("x"))
+    state.evict()
+    ctx.registry.workflows["det-timed"] = kwf.registry.get(kwf.workflow("det-timed")(v2)
+                                                           .__kwf_workflow__.name)
+    out = state.on_command(rec('{"ref": "a"}', 30.0), Resume("a"))
+    assert [r.topic for r in out] == ["workflow-error", "workflow-events"]
+    assert state.journal.status == "failed" and "diverged" in out[0].json()
