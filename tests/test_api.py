@@ -266,3 +266,28 @@ def test_public_names_match_the_design():
               "as_completed", "config", "random", "uuid4", "NonDeterminismError"}
     assert design <= set(kwf.__all__)
     assert not [n for n in kwf.__all__ if n.startswith("_")]
+
+
+@kwf.workflow("api-ordered")
+async def ordered(arg):
+    names = [f"s{i}" for i in range(8)]
+    refs = [kwf.suspend(n) for n in names]
+    done, pending = await kwf.wait(refs, timeout=5)
+    log("wait", [refs[[r._future for r in refs].index(f)].id for f in done], len(pending))
+    seen = []
+    async for future in kwf.as_completed(refs[1:]):
+        seen.append(future.result())
+    return seen
+
+
+def test_wait_and_as_completed_keep_argument_order(make_engine):
+    """Results settled in the same step come in argument order, not in set order."""
+    eng = make_engine(ordered)
+    eng.send("t1", "new:{}")
+    for name in ("s6", "s2", "s4"):  # three settle before the timeout, in another order
+        eng.send("t1", json.dumps({"ref": name, "value": name}))
+    eng.advance(5)
+    assert out(eng) == [["wait", ["s2", "s4", "s6"], 5]]
+    for name in ("s7", "s1", "s3", "s5"):
+        eng.send("t1", json.dumps({"ref": name, "value": name}))
+    assert eng.result("t1") == ["s2", "s4", "s6", "s7", "s1", "s3", "s5"]
