@@ -225,8 +225,21 @@ class Instance:
             msg = (f"kwf.output value must be str or None, got {type(value).__name__}; "
                    "use kwf.output_json for other values")
             raise TypeError(msg)
-        self._emit(topic, self.thread_id if key is None else key, value,
-                   tuple(headers) if headers else ())
+        extra = tuple(headers) if headers else ()
+        if not (key is None or isinstance(key, str)) or not all(
+                isinstance(h, tuple) and len(h) == 2 and isinstance(h[0], str)
+                and isinstance(h[1], (str, bytes)) for h in extra):
+            msg = "kwf.output key must be str or None, headers (str, str | bytes) pairs"
+            raise TypeError(msg)
+        # Refused here, the workflow fails; refused by Kafka, the engine would stop, restart,
+        # and be refused again.
+        size = len(value.encode()) if value is not None else 0
+        if size > self.settings.max_payload_bytes:
+            msg = (f"kwf.output of {size} bytes to {topic!r} is over the limit of "
+                   f"{self.settings.max_payload_bytes} (KWF_MAX_PAYLOAD_BYTES); send a reference "
+                   "to the data instead")
+            raise ValueError(msg)
+        self._emit(topic, self.thread_id if key is None else key, value, extra)
 
     def _emit(self, topic: str, key: str, value: str | None,
               extra: tuple[tuple[str, str], ...] = ()) -> None:

@@ -300,3 +300,22 @@ def test_deterministic_random_and_uuid(make_engine):
         eng.send("t1", '{"ref": "x"}')
         results.append(eng.result("t1"))
     assert results[0] == results[1] and results[0][0] != results[0][2]
+
+
+def test_outputs_kafka_would_refuse_fail_the_workflow_not_the_engine(make_engine):
+    """An oversized value or a bad key fails that workflow at the call; the engine goes on."""
+    @kwf.workflow("rt-big")
+    async def big(arg):
+        try:
+            kwf.output("x" * 2000, "rt-out")
+        except ValueError as e:
+            kwf.output(str(e).split(" (")[0], "rt-out")
+        kwf.output("v", "rt-out", key=42)
+
+    eng = make_engine(big, echo, settings=Settings(max_payload_bytes=1000))
+    eng.send("t1", "new:rt-big:{}")
+    eng.send("t2", "new:rt-echo:{}")
+    assert values(eng, "rt-out") == ["kwf.output of 2000 bytes to 'rt-out' is over the limit of 1000"]
+    [err] = eng.outputs("workflow-error")
+    assert err.key == "t1" and err.header("kwf-error-type") == "TypeError"
+    assert eng.status("t2")["status"] == "completed"
