@@ -185,12 +185,16 @@ class Instance:
             except (TypeError, ValueError) as e:
                 error = TypeError(f"the workflow's result is not JSON: {e}")
             else:
-                self.status = COMPLETED
-                self._result = value
-                self._emit(self.settings.result_topic, self.thread_id, value)
-                return
+                if len(value) > self.settings.max_payload_bytes:
+                    error = ValueError(f"the workflow's result is {len(value)} bytes of JSON, "
+                                       "over KWF_MAX_PAYLOAD_BYTES; return a reference instead")
+        if error is None:
+            self.status = COMPLETED
+            self._result = value
+            self._emit(self.settings.result_topic, self.thread_id, value)
+            return
         self.status = FAILED
-        text = json.dumps(str(error))
+        text = json.dumps(str(error)[:10_000])  # an error text must not be refused by Kafka
         self._result = text
         self._emit(self.settings.error_topic, self.thread_id, text,
                    (("kwf-error-type", type(error).__qualname__),))

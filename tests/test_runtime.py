@@ -312,10 +312,16 @@ def test_outputs_kafka_would_refuse_fail_the_workflow_not_the_engine(make_engine
             kwf.output(str(e).split(" (")[0], "rt-out")
         kwf.output("v", "rt-out", key=42)
 
-    eng = make_engine(big, echo, settings=Settings(max_payload_bytes=1000))
+    @kwf.workflow("rt-big-result")
+    async def big_result(arg):
+        return "y" * 2000
+
+    eng = make_engine(big, echo, big_result, settings=Settings(max_payload_bytes=1000))
+    eng.send("t3", "new:rt-big-result:{}")
+    assert "over KWF_MAX_PAYLOAD_BYTES" in eng.outputs("workflow-error")[0].json()
     eng.send("t1", "new:rt-big:{}")
     eng.send("t2", "new:rt-echo:{}")
     assert values(eng, "rt-out") == ["kwf.output of 2000 bytes to 'rt-out' is over the limit of 1000"]
-    [err] = eng.outputs("workflow-error")
+    err = eng.outputs("workflow-error")[-1]
     assert err.key == "t1" and err.header("kwf-error-type") == "TypeError"
     assert eng.status("t2")["status"] == "completed"
