@@ -60,11 +60,8 @@ class Instance:
         self._topics: list[str] = []
         self._result: str | None = None
         self._tasks_kept = 0
-        self.main = self.loop.create_task(self._main(journal.arg))
+        self.main = self.loop.create_task(workflow.fn(journal.arg), name=journal.thread)
         _UNDISPOSED.add(self)
-
-    async def _main(self, arg: Any) -> Any:
-        return await self.workflow.fn(arg)
 
     # -- building ------------------------------------------------------------------------
     @classmethod
