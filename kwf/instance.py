@@ -44,7 +44,8 @@ class Instance:
         self.journal = journal
         self.settings = settings
         self.thread_id = journal.thread
-        self.loop = WorkflowLoop(journal.started, journal.thread)  # type: ignore[abstract]
+        self.loop = WorkflowLoop(  # type: ignore[abstract]
+            journal.started, journal.thread, workflow.location)
         self.loop.instance = self
         self.rng = random.Random(zlib.crc32(f"{journal.thread}/{journal.base_step}".encode()))
         self.pending: dict[str, _Future] = {}

@@ -62,7 +62,7 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
     ``fire_timers(t)`` moves the clock to ``t`` and readies every timer due by then.
     """
 
-    def __init__(self, start_time: float, owner: str) -> None:
+    def __init__(self, start_time: float, owner: str, workflow: str = "?") -> None:
         self._ready: deque[asyncio.Handle] = deque()
         self._timers: list[tuple[float, int, asyncio.TimerHandle]] = []
         self._time = start_time
@@ -70,6 +70,7 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
         # spread across threads, so asyncio's global WeakSet of tasks does not collide.
         self._counter = itertools.count(zlib.crc32(owner.encode()) << 16)
         self._owner = owner
+        self._workflow = workflow
         self._closed = False
         self._running = False
         self._eager: list[asyncio.Handle] | None = None
@@ -215,9 +216,9 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
     # -- what a workflow must not do -----------------------------------------------------
     def _refuse(self, what: str) -> WorkflowNotAvailable:
         msg = (
-            f"{what} is not available in a kwf workflow (thread {self._owner!r}): workflow code "
-            "is replayed and must be deterministic; do I/O in another service and talk to it "
-            "with kwf.output + await kwf.suspend()"
+            f"{what} is not available in workflow {self._workflow!r} (thread {self._owner!r}): "
+            "workflow code is replayed and must be deterministic; do I/O in another service "
+            "and talk to it with kwf.output + await kwf.suspend(), or kwf.call"
         )
         return WorkflowNotAvailable(msg)
 

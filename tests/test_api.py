@@ -230,7 +230,8 @@ def test_io_fails_with_a_clear_error(make_engine):
     eng = make_engine(does_io)
     eng.send("t1", "new:{}")
     [err] = eng.outputs("workflow-error")
-    assert "not available in a kwf workflow" in err.json()
+    assert "not available in workflow 'test_api.does_io" in err.json()
+    assert "thread 't1'" in err.json()
     assert err.header("kwf-error-type") == "WorkflowNotAvailable"
 
 
