@@ -70,18 +70,53 @@ def up_command(args: argparse.Namespace) -> int:
         print(f"engine stopped; Kafka still runs on {broker.bootstrap} (kwf kafka stop)")
 
 
-def start_engine(settings: Settings, state: Path) -> subprocess.Popen[bytes]:
-    """``python -m bytewax.run dataflow -r <state>/recovery -s 1 -b 0``, logging to a file."""
+def engine_command(state: Path, snapshot_s: int = 1, workers: int = 1,
+                   partitions: int = 1) -> list[str]:
+    """The engine's command line, after creating its recovery directory if need be.
+
+    Bytewax panics when a recovery directory is initialised twice, so it is done only when
+    ``part-0`` is missing; the partition count is fixed from then on.
+    """
     recovery = state / "recovery"
-    if not (recovery / "part-0.sqlite3").exists():  # init twice panics in Bytewax
+    if not (recovery / "part-0.sqlite3").exists():
         recovery.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "bytewax.recovery", str(recovery), "1"],
-                       check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "bytewax.recovery", str(recovery),
+                        str(partitions)], check=True, capture_output=True)
+    return [sys.executable, "-m", "bytewax.run", "dataflow", "-r", str(recovery), "-s",
+            str(snapshot_s), "-b", "0", "-w", str(workers)]
+
+
+def start_engine(settings: Settings, state: Path) -> subprocess.Popen[bytes]:
+    """The engine in a subprocess with recovery under ``state``, logging to a file there."""
     env = {**os.environ, "KWF_BROKERS": settings.brokers, "PYTHONUNBUFFERED": "1"}
     log = (state / "engine.log").open("ab")
-    return subprocess.Popen(
-        [sys.executable, "-m", "bytewax.run", "dataflow", "-r", str(recovery), "-s", "1",
-         "-b", "0"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(engine_command(state), cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+
+
+def register_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    run = commands.add_parser(
+        "run", help="the engine alone, in the foreground, with recovery (KWF_* settings)")
+    run.add_argument("--state", default=".kwf", help="recovery lives in STATE/recovery")
+    run.add_argument("-s", "--snapshot", type=int, default=5,
+                     help="seconds between snapshots: outputs since the last one are "
+                          "written again after a crash (%(default)s)")
+    run.add_argument("-w", "--workers", type=int, default=1, help="worker threads")
+    run.add_argument("--partitions", type=int, default=1,
+                     help="recovery partitions, when creating the directory: the most workers "
+                          "you will ever run (%(default)s)")
+    run.set_defaults(handler=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    if not (ROOT / "dataflow.py").exists():
+        msg = f"kwf run starts dataflow.py from a kwf checkout; none in {ROOT}"
+        raise KafkaSetupError(msg)
+    command = engine_command(Path(args.state).resolve(), args.snapshot, args.workers,
+                             args.partitions)
+    print(" ".join(command[1:]), flush=True)
+    os.chdir(ROOT)
+    os.execv(command[0], command)  # Bytewax gets the signals itself (Ctrl-C, SIGTERM)
 
 
 def stop_engine(engine: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
