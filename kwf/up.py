@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def register_up(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up = commands.add_parser("up", help="local Kafka + topics + the engine + the example workflows")
-    up.add_argument("--port", type=int, default=DEFAULT_PORT, help="broker port (%(default)s)")
+    up.add_argument("--port", type=int, default=DEFAULT_PORT,
+                    help="the local broker's port (%(default)s); --brokers uses another Kafka")
     up.add_argument("--state", default=".kwf", help="engine state directory (%(default)s)")
     up.add_argument("--serve", action="store_true",
                     help="keep the engine running after the demo, until Ctrl-C")
@@ -40,22 +41,22 @@ def up_command(args: argparse.Namespace) -> int:
     if not (ROOT / "dataflow.py").exists():
         msg = f"kwf up runs the engine from a kwf checkout; no dataflow.py in {ROOT}"
         raise KafkaSetupError(msg)
-    broker = LocalBroker(port=args.port)
-    if not broker.status().running:
-        print(f"starting Kafka on {broker.bootstrap} (first run resolves its jars with Maven)...",
-              flush=True)
-    broker.start()
-    settings = dataclasses.replace(Settings.from_env(), brokers=broker.bootstrap)
+    if args.brokers is None:  # the local broker, started unless it runs
+        broker = LocalBroker(port=args.port)
+        if not broker.status().running:
+            print(f"starting Kafka on {broker.bootstrap} (first run resolves its jars with "
+                  "Maven)...", flush=True)
+        args.brokers = broker.start().bootstrap
+    settings = dataclasses.replace(Settings.from_env(), brokers=args.brokers)
     created = ensure_topics(settings)
     check_brokers(settings.kafka_config(), required_topics(settings))
-    print(f"Kafka {broker.bootstrap}: {len(created)} topics created, all present", flush=True)
+    print(f"Kafka {args.brokers}: {len(created)} topics created, all present", flush=True)
 
     state = Path(args.state).resolve()
     engine = start_engine(settings, state)
     print(f"engine started (pid {engine.pid}, recovery in {state / 'recovery'}, "
           f"log {state / 'engine.log'})", flush=True)
     try:
-        args.brokers = broker.bootstrap
         code = demo_command(args)
         if engine.poll() is not None:
             print(f"kwf up: the engine exited with {engine.returncode}; see "
@@ -67,7 +68,7 @@ def up_command(args: argparse.Namespace) -> int:
         return code
     finally:
         stop_engine(engine)
-        print(f"engine stopped; Kafka still runs on {broker.bootstrap} (kwf kafka stop)")
+        print(f"engine stopped; Kafka still runs on {args.brokers}")
 
 
 def engine_command(state: Path, snapshot_s: int = 1, workers: int = 1,

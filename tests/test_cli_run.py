@@ -1,4 +1,4 @@
-"""``kwf run``: the engine alone, with its recovery directory made once."""
+"""``kwf run`` (the engine alone) and ``kwf up`` (the README's main command)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 
 def test_kwf_run_makes_recovery_once_and_refuses_unreachable_brokers(tmp_path: Path):
@@ -20,3 +22,20 @@ def test_kwf_run_makes_recovery_once_and_refuses_unreachable_brokers(tmp_path: P
         assert "kwf engine not started" in done.stderr and "127.0.0.1:1" in done.stderr
     assert sorted(p.name for p in (tmp_path / "recovery").glob("part-*.sqlite3")) == [
         "part-0.sqlite3"]
+
+
+@pytest.mark.kafka
+def test_kwf_up_runs_the_example_workflows_end_to_end(kafka_brokers, unique, tmp_path: Path):
+    """The README's main command, on the test broker and topics of its own: topics created, the
+    engine started with recovery, the demo's threads all finished, the engine stopped."""
+    run = unique("up")
+    topics = {f"KWF_{name}_TOPIC": f"{run}-{name.lower()}"
+              for name in ("RESUME", "SCHEDULER", "RESULT", "ERROR", "EVENTS", "DLQ")}
+    env = {**os.environ, **topics}
+    done = subprocess.run(
+        [sys.executable, "-m", "kwf.cli", "up", "--brokers", kafka_brokers, "-n", "3",
+         "--state", str(tmp_path)], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "12 of 12 threads finished" in done.stdout
+    assert "engine stopped" in done.stdout
+    assert (tmp_path / "recovery" / "part-0.sqlite3").exists()
