@@ -14,9 +14,13 @@ import os
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
+
+import kwf
+from kwf.testing import Engine
 
 TEST_BROKER_PORT = 19092
 
@@ -52,3 +56,28 @@ def unique() -> Callable[[str], str]:
         return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def restore_output_topics() -> Iterator[None]:
+    """Undo whatever a test adds to ``kwf.config.output_topics`` (modules declare theirs on import,
+    before this runs, as workflow modules do)."""
+    saved = set(kwf.config.output_topics)
+    yield
+    kwf.config.output_topics.clear()
+    kwf.config.output_topics.update(saved)
+
+
+@pytest.fixture(params=["live", "replay"])
+def make_engine(request: pytest.FixtureRequest) -> Iterator[Callable[..., Engine]]:
+    """Engines in both modes: live instances, or rebuilt by replay before every event."""
+    engines: list[Engine] = []
+
+    def make(*workflows: Any, **kwargs: Any) -> Engine:
+        if request.param == "replay":
+            kwargs.setdefault("max_live", 0)
+        engines.append(Engine(workflows=list(workflows), **kwargs))
+        return engines[-1]
+    yield make
+    for eng in engines:
+        eng.close()

@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 import pytest
-from kwf_support import make_engine, restore_output_topics, values  # noqa: F401
+from kwf_support import values
 
 import kwf
 from kwf.calls import CallTimeout, backoff_delay, call

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-from kwf_support import restore_output_topics  # noqa: F401
 
 from kwf.demo import (KINDS, DemoReport, Thread, percentile, render_progress, render_summary,
                       start_records)

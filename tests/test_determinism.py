@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from kwf_support import make_engine, restore_output_topics, values  # noqa: F401
+from kwf_support import values
 
 import kwf
 from kwf import journal as journal_codec

@@ -11,7 +11,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from kwf_support import make_engine, restore_output_topics, values  # noqa: F401
+from kwf_support import values
 
 from kwf.testing import Engine
 from workflows import approval, ecommerce, order, trip_booking

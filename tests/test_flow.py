@@ -36,7 +36,6 @@ import pytest
 from bytewax.testing import TestingSource
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kwf_support import restore_output_topics  # noqa: F401
 
 from kwf.config import Settings
 from kwf.flow import run_flow

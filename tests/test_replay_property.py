@@ -9,7 +9,6 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kwf_support import restore_output_topics  # noqa: F401
 
 import kwf
 from kwf.journal import encode

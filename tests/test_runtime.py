@@ -6,7 +6,7 @@ import asyncio
 import json
 
 import pytest
-from kwf_support import make_engine, restore_output_topics, values  # noqa: F401
+from kwf_support import values
 
 import kwf
 from kwf.config import Settings
