@@ -84,11 +84,12 @@ def to_incoming(msg: Any) -> Incoming:
 class InputClock:
     """The time at which this worker's timers may fire: the wall clock, held back by the input.
 
-    A timer due at ``t`` fires once the worker has applied input up to ``t`` (a record stamped
-    ``t`` or later), or once the input has been quiet for ``idle_s``. Without this, after a
-    restart or under a backlog, wall-clock timers would fire before replies that are already
-    waiting in Kafka with earlier timestamps, and every deadline would expire. ``kwf.testing.
-    Engine`` needs no such rule: its virtual clock only moves between records.
+    A timer due at ``t`` fires once every input partition this worker hears from has delivered
+    a record stamped ``t`` or later, or has been quiet for ``idle_s``. Without this, after a
+    restart or behind a backlog, wall-clock timers would fire before replies already waiting
+    in Kafka with earlier timestamps, and met deadlines would expire. Partitions are tracked
+    apart so that a fresh one cannot vouch for one still behind. ``kwf.testing.Engine`` needs
+    no such rule: its virtual clock only moves between records. ``idle_s=0`` turns it off.
     """
 
     RECHECK_S = 0.02
@@ -96,20 +97,21 @@ class InputClock:
 
     def __init__(self, idle_s: float) -> None:
         self.idle_s = idle_s
-        self.high = 0.0
-        self.last_input = time.monotonic()  # a fresh worker waits for its input to start
+        self.started = time.monotonic()  # a fresh worker waits for its input to start
+        self.partitions: dict[str, tuple[float, float]] = {}
+        """``topic/partition`` -> (highest timestamp seen, when last heard from)."""
 
-    def saw(self, timestamp: float | None) -> None:
-        """Input arrived (stamped ``timestamp``, if it carries event time kwf can use)."""
-        if timestamp is not None and timestamp > self.high:
-            self.high = timestamp
-        self.last_input = time.monotonic()
+    def saw(self, rec: Incoming) -> None:
+        partition = rec.source.rpartition("/")[0]
+        high, _ = self.partitions.get(partition, (rec.timestamp, 0.0))
+        self.partitions[partition] = (max(high, rec.timestamp), time.monotonic())
 
     def now(self) -> float:
-        wall = time.time()
-        if time.monotonic() - self.last_input >= self.idle_s:
-            return wall
-        return min(wall, self.high)
+        wall, mono = time.time(), time.monotonic()
+        if mono - self.started < self.idle_s and not self.partitions:
+            return float("-inf")
+        behind = [high for high, heard in self.partitions.values() if mono - heard < self.idle_s]
+        return min([wall, *behind])
 
     def notify_at(self, wakeup: float | None) -> datetime | None:
         """When Bytewax should call back: the due time, or soon if the input holds it back."""
@@ -162,7 +164,7 @@ class _ThreadLogic(op.StatefulLogic[_Item, Record, bytes]):
     def on_item(self, value: _Item) -> tuple[list[Record], bool]:
         if self.state is None:
             self.state = ThreadState(value.key, self.ctx)
-        self.clock.saw(value.rec.timestamp)
+        self.clock.saw(value.rec)
         return self._done(self.state.on_command(value.rec, value.command))
 
     @override
@@ -201,7 +203,6 @@ class _ScheduleLogic(op.StatefulLogic[Schedule, Record, tuple[str, dict[str, flo
     def on_item(self, value: Schedule) -> tuple[list[Record], bool]:
         if self.state is None:
             self.state = ScheduleState(value.key)
-        self.clock.saw(None)
         self.state.on_schedule(value)
         return self._done([])
 

@@ -344,3 +344,23 @@ def test_a_backlog_is_applied_before_the_timers_it_precedes() -> None:
     statuses = sorted(r.json()["status"] for r in flow_out if r.topic == "workflow-result")
     assert statuses == ["ordered"] * 4
     assert_same(flow_out, engine_outputs(records, fw.ALL))
+
+
+def test_input_clock_waits_for_every_partition_it_hears_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh partition cannot vouch for one still behind; a quiet one stops holding timers."""
+    from kwf.flow import InputClock
+    from kwf.protocol import Incoming
+
+    mono = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: mono[0])
+    monkeypatch.setattr(time, "time", lambda: 5000.0)
+    clock = InputClock(idle_s=0.5)
+    assert clock.now() == float("-inf")  # just started: wait for the input
+    clock.saw(Incoming(RESUME, "a", "x", 1000.0, f"{RESUME}/0/7"))
+    clock.saw(Incoming(RESUME, "b", "x", 4990.0, f"{RESUME}/1/9"))
+    assert clock.now() == 1000.0  # partition 0 is an hour behind
+    clock.saw(Incoming(RESUME, "a", "x", 1200.0, f"{RESUME}/0/8"))
+    assert clock.now() == 1200.0
+    mono[0] += 0.6  # both quiet now: the wall clock rules
+    assert clock.now() == 5000.0
+    assert InputClock(idle_s=0).now() == 5000.0  # 0 turns it off
