@@ -86,7 +86,7 @@ def output(value: str | None, topic: str, key: str | None = None,
 
 def output_json(obj: Any, topic: str, key: str | None = None) -> None:
     """``output(json.dumps(obj), topic, key)``."""
-    _instance("output_json").output(json.dumps(obj), topic, key, None)
+    _instance("output_json").output(json.dumps(obj, allow_nan=False), topic, key, None)
 
 
 def thread_id() -> str:

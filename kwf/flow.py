@@ -66,9 +66,13 @@ class _Item(NamedTuple):
 _Parsed = Record | _Item | Schedule
 
 
+_LATEST = datetime(9999, 1, 1, tzinfo=timezone.utc).timestamp()
+
+
 def _utc(t: float | None) -> datetime | None:
-    """Bytewax wants tzinfo exactly ``timezone.utc``; anything else crashes the dataflow."""
-    return None if t is None else datetime.fromtimestamp(t, tz=timezone.utc)
+    """Bytewax wants tzinfo exactly ``timezone.utc``; anything else crashes the dataflow, and
+    so does a time past what ``datetime`` holds (a timer so far away is as good as never)."""
+    return None if t is None else datetime.fromtimestamp(min(t, _LATEST), tz=timezone.utc)
 
 
 def to_incoming(msg: Any) -> Incoming:

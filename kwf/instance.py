@@ -29,6 +29,10 @@ from kwf.registry import Workflow
 
 log = structlog.get_logger("kwf.instance")
 
+_CLOSE_ATTEMPTS = 100
+_UNCLOSABLE: list[Any] = []
+"""Coroutines that kept awaiting after ``GeneratorExit`` 100 times: held, never finalized."""
+
 _UNDISPOSED: set[Instance] = set()
 """Every instance not yet disposed, held strongly: its coroutines must never reach the garbage
 collector, whose finalizers would run their ``finally`` blocks later, inside another thread's
@@ -61,7 +65,7 @@ class Instance:
         self._topics: list[str] = []
         self._result: str | None = None
         self._tasks_kept = 0
-        self.main = self.loop.create_task(workflow.fn(journal.arg), name=journal.thread)
+        self.main = self.loop.create_task(workflow.fn(_fresh(journal.arg)), name=journal.thread)
         _UNDISPOSED.add(self)
 
     # -- building ------------------------------------------------------------------------
@@ -122,10 +126,10 @@ class Instance:
             return False
         self.step += 1
         self._begin(time)
-        if kind == RESUME:
-            future.set_result(payload)  # type: ignore[union-attr]  # checked above
+        if kind == RESUME:  # fresh copies: workflow code may mutate what it gets, not the journal
+            future.set_result(_fresh(payload))  # type: ignore[union-attr]  # checked above
         elif kind == ERROR:
-            future.set_exception(RemoteError(payload))  # type: ignore[union-attr]  # idem
+            future.set_exception(RemoteError(_fresh(payload)))  # type: ignore[union-attr]
         elif kind == TIMER:
             self.loop.fire_timers(time)
         else:
@@ -179,8 +183,8 @@ class Instance:
         error = main.exception()
         if error is None:
             try:
-                value = json.dumps(main.result())
-            except (TypeError, ValueError) as e:
+                value = json.dumps(main.result(), allow_nan=False)
+            except (TypeError, ValueError, RecursionError) as e:
                 error = TypeError(f"the workflow's result is not JSON: {e}")
             else:
                 if len(value) > self.settings.max_payload_bytes:
@@ -201,9 +205,12 @@ class Instance:
 
     # -- what workflow code calls ----------------------------------------------------------
     def suspend(self, id: str | None) -> Suspend:
-        if id is None:
+        if id is None:  # skipping any a named suspend already holds
             self._n += 1
             id = f"{self.step}:{self._n}"
+            while id in self.pending and not self.pending[id].done():
+                self._n += 1
+                id = f"{self.step}:{self._n}"
         else:
             previous = self.pending.get(id)
             if previous is not None and not previous.done():
@@ -234,8 +241,10 @@ class Instance:
             msg = "kwf.output key must be str or None, headers (str, str | bytes) pairs"
             raise TypeError(msg)
         # Refused here, the workflow fails; refused by Kafka, the engine would stop, restart,
-        # and be refused again.
-        size = len(value.encode()) if value is not None else 0
+        # and be refused again. (encode() raises UnicodeEncodeError, a ValueError, on what
+        # UTF-8 cannot carry, such as lone surrogates.)
+        size = sum(len(part.encode()) for part in (value, key, *(v for h in extra for v in h))
+                   if isinstance(part, str))
         if size > self.settings.max_payload_bytes:
             msg = (f"kwf.output of {size} bytes to {topic!r} is over the limit of "
                    f"{self.settings.max_payload_bytes} (KWF_MAX_PAYLOAD_BYTES); send a reference "
@@ -283,26 +292,36 @@ class Instance:
 
     # -- disposal --------------------------------------------------------------------------
     def _close_tasks(self) -> None:
-        """Close every unfinished coroutine now, newest first, with outputs dropped."""
+        """Close every unfinished coroutine now, newest first, with outputs dropped.
+
+        A ``finally`` (or a ``TaskGroup`` exit) may await: ``GeneratorExit`` is thrown again
+        at each new await until the frame is gone. A coroutine that still will not end is
+        kept for ever in ``_UNCLOSABLE`` rather than left to the garbage collector; disposal
+        never raises, since it may run inside another thread's step (LRU eviction).
+        """
         dropping, self.disposed = self.disposed, True
         with self.loop.running():
             for task in reversed(self.loop.tasks):
-                if task.done():
-                    continue
-                task._log_destroy_pending = False  # type: ignore[attr-defined]
-                try:
-                    task.get_coro().close()
-                except BaseException as e:  # a finally that awaits, or raises
-                    log.warning("workflow_close_error", thread=self.thread_id,
-                                error=repr(e), task=task.get_name())
+                if not task.done():
+                    task._log_destroy_pending = False  # type: ignore[attr-defined]
+                    self._close(task.get_coro())
         self.disposed = dropping
-        alive = [t for t in self.loop.tasks
-                 if not t.done() and getattr(t.get_coro(), "cr_frame", None) is not None]
-        if alive:
-            msg = (f"thread {self.thread_id!r}: {len(alive)} coroutines still alive after "
-                   f"disposal: {[t.get_name() for t in alive]}")
-            raise RuntimeError(msg)
         self.loop.tasks = []
+
+    def _close(self, coro: Any) -> None:
+        for _ in range(_CLOSE_ATTEMPTS):
+            if getattr(coro, "cr_frame", None) is None:
+                return
+            try:
+                coro.throw(GeneratorExit)
+            except (GeneratorExit, StopIteration):
+                return
+            except BaseException as e:  # a finally that raises: it ended all the same
+                log.warning("workflow_close_error", thread=self.thread_id, error=repr(e))
+                return
+        log.error("workflow_close_refused", thread=self.thread_id, coroutine=repr(coro),
+                  attempts=_CLOSE_ATTEMPTS)
+        _UNCLOSABLE.append(coro)
 
     def dispose(self) -> None:
         """Close the coroutines now, so no ``finally`` runs later under another thread."""
@@ -313,6 +332,15 @@ class Instance:
         self.pending.clear()
         self.loop.close()
         _UNDISPOSED.discard(self)
+
+
+def _fresh(value: Any) -> Any:
+    """A copy of a JSON value (dicts and lists are the only mutable parts), cheaply."""
+    if type(value) is dict:
+        return {k: _fresh(v) for k, v in value.items()}
+    if type(value) is list:
+        return [_fresh(v) for v in value]
+    return value
 
 
 def _describe(event: Event) -> str:

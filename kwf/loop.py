@@ -13,6 +13,7 @@ import asyncio
 import contextvars
 import heapq
 import itertools
+import math
 import zlib
 from asyncio import events, tasks
 from collections import deque
@@ -98,8 +99,12 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
 
     def call_at(self, when: float, callback: Callable[..., Any], *args: Any,
                 context: contextvars.Context | None = None) -> asyncio.TimerHandle:
+        if math.isnan(when) or when == -math.inf:
+            msg = f"a durable timer needs a time; got {when} (thread {self._owner!r})"
+            raise ValueError(msg)
         handle = asyncio.TimerHandle(when, callback, args, self, context)
-        heapq.heappush(self._timers, (when, next(self._counter), handle))
+        if when != math.inf:  # sleep(inf) waits for ever: nothing to record
+            heapq.heappush(self._timers, (when, next(self._counter), handle))
         return handle
 
     def _timer_handle_cancelled(self, handle: asyncio.TimerHandle) -> None:
@@ -184,7 +189,10 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
             while ready:
                 handle = ready.popleft()
                 if not handle._cancelled:
-                    handle._run()
+                    try:
+                        handle._run()
+                    except SystemExit:  # asyncio re-raises it; the task that raised it holds
+                        pass            # it as its exception, so that workflow fails alone
         finally:
             self._running = False
             events._set_running_loop(previous)

@@ -9,6 +9,7 @@ that does not parse raises ``ProtocolError`` whose ``code`` is the stable prefix
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
@@ -20,6 +21,9 @@ if TYPE_CHECKING:
     from kwf.registry import Registry
 
 Headers = tuple[tuple[str, Union[str, bytes]], ...]
+
+MAX_DELAY_MS = 10**12
+"""The longest ``workflow-scheduler`` delay accepted: beyond it, dates stop being dates."""
 
 _NAMED = re.compile(r"([A-Za-z_][A-Za-z0-9_.-]*):")
 _RESERVED = ("true", "false", "null")
@@ -111,12 +115,22 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(msg)
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        msg = f"{text} overflows a double"
+        raise ValueError(msg)
+    return value
+
+
 def loads(text: str) -> Any:
-    """Strict JSON (no NaN/Infinity), with the protocol's error code on failure."""
+    """Strict JSON (no NaN, no Infinity, no overflow), with the protocol's error code."""
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite)
     except ValueError as e:
         raise ProtocolError("bad-json", f"{e} in {_clip(text)}") from None
+    except RecursionError:
+        raise ProtocolError("bad-json", f"nested too deeply: {_clip(text)}") from None
 
 
 def _clip(text: str, limit: int = 80) -> str:
@@ -200,8 +214,9 @@ def parse_schedule(rec: Incoming, max_bytes: int) -> Schedule:
     except ValueError:
         raise ProtocolError("bad-schedule", f"value {_clip(text)} is not a delay in "
                                             "milliseconds") from None
-    if delay_ms < 0:
-        raise ProtocolError("bad-schedule", f"negative delay {delay_ms} ms")
+    if not 0 <= delay_ms <= MAX_DELAY_MS:
+        raise ProtocolError("bad-schedule", f"delay {_clip(text)} ms is not between 0 and "
+                                            f"{MAX_DELAY_MS} (about 30 years)")
     return Schedule(a, b, None if delay_ms == 0 else rec.timestamp + delay_ms / 1000)
 
 

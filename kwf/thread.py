@@ -135,6 +135,7 @@ class ThreadState:
             event = (CANCEL, time, None, cmd.payload)
         records = instance.apply(event)
         if records is None:
+            self.ctx.cache.touch(self)  # it may have been rebuilt for this: bound it again
             log.info("stale_record_ignored", thread=self.key, ref=getattr(cmd, "ref", None),
                      source=rec.source)
             return out
@@ -150,8 +151,8 @@ class ThreadState:
             if j.expires is not None and j.expires <= now:
                 self.journal = None
                 # A null value deletes the thread from the compacted events topic.
-                return [Record(self.ctx.settings.events_topic, self.key, None,
-                               (("kwf-thread", self.key),), now)]
+                return [output_record(self.ctx.settings.events_topic, self.key, None,
+                                      thread=self.key, seq=j.seq + 1, step=j.step, time=now)]
             return []
         try:
             return self._fire_due(now)
