@@ -243,8 +243,11 @@ class Instance:
         # Refused here, the workflow fails; refused by Kafka, the engine would stop, restart,
         # and be refused again. (encode() raises UnicodeEncodeError, a ValueError, on what
         # UTF-8 cannot carry, such as lone surrogates.)
-        size = sum(len(part.encode()) for part in (value, key, *(v for h in extra for v in h))
-                   if isinstance(part, str))
+        size = len(value.encode()) if value is not None else 0
+        if key is not None:
+            size += len(key.encode())
+        for name, data in extra:
+            size += len(name.encode()) + len(data.encode() if isinstance(data, str) else data)
         if size > self.settings.max_payload_bytes:
             msg = (f"kwf.output of {size} bytes to {topic!r} is over the limit of "
                    f"{self.settings.max_payload_bytes} (KWF_MAX_PAYLOAD_BYTES); send a reference "
