@@ -44,7 +44,8 @@ class Settings:
     error_topic: str = "workflow-error"
     events_topic: str = "workflow-events"
     dlq_topic: str = "workflow-dlq"
-    max_payload_bytes: int = 1_000_000
+    max_payload_bytes: int = 900_000
+    """Under Kafka's default 1 MB message limit, leaving room for the key and headers."""
     max_live: int = 10_000
     tombstone_retention_s: float = 7 * 24 * 3600.0
     batch_size: int = 50

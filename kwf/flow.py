@@ -56,14 +56,15 @@ CHECK_TIMEOUT_S = 5.0
 
 
 class _Item(NamedTuple):
-    """What the thread step receives: the thread id, the record (for DLQ headers), the command."""
+    """What a stateful step receives: the key, the record (for DLQ headers and the input
+    clock), and what it asks (a thread's command, or a scheduler entry)."""
 
     key: str
     rec: Incoming
-    command: Command
+    command: Command | Schedule
 
 
-_Parsed = Record | _Item | Schedule
+_Parsed = Record | _Item
 
 
 _LATEST = datetime(9999, 1, 1, tzinfo=timezone.utc).timestamp()
@@ -114,7 +115,8 @@ class InputClock:
         wall, mono = time.time(), time.monotonic()
         if mono - self.started < self.idle_s and not self.partitions:
             return float("-inf")
-        behind = [high for high, heard in self.partitions.values() if mono - heard < self.idle_s]
+        heard_from = list(self.partitions.values())  # one atomic copy: workers update it
+        behind = [high for high, heard in heard_from if mono - heard < self.idle_s]
         return min([wall, *behind])
 
     def notify_at(self, wakeup: float | None) -> datetime | None:
@@ -130,15 +132,19 @@ class _Worker(NamedTuple):
 
 
 class _Workers:
-    """One ``Context`` and one ``InputClock`` per worker, made on first use.
+    """One ``Context`` per worker, made on first use, and one ``InputClock`` per process.
 
-    Keyed by OS thread because a Bytewax worker is one thread: a cache shared by two workers
-    could evict (and close) an instance that the other worker is in the middle of stepping.
+    Contexts are keyed by OS thread because a Bytewax worker is one thread: a cache shared by
+    two workers could evict (and close) an instance that the other worker is stepping. The
+    clock is shared because each worker applies only its own keys' records, while a partition
+    is behind for every worker alike. (Partitions that only other processes of a cluster read
+    are not heard from here: they do not hold timers back.)
     """
 
     def __init__(self, registry: Registry, settings: Settings) -> None:
         self.registry = registry
         self.settings = settings
+        self.clock = InputClock(settings.input_idle_s)
         self._by_thread: dict[int, _Worker] = {}
         self._lock = threading.Lock()
 
@@ -147,8 +153,8 @@ class _Workers:
         worker = self._by_thread.get(ident)
         if worker is None:
             with self._lock:
-                worker = self._by_thread.setdefault(ident, _Worker(
-                    Context(self.registry, self.settings), InputClock(self.settings.input_idle_s)))
+                worker = self._by_thread.setdefault(
+                    ident, _Worker(Context(self.registry, self.settings), self.clock))
         return worker
 
 
@@ -169,7 +175,7 @@ class _ThreadLogic(op.StatefulLogic[_Item, Record, bytes]):
         if self.state is None:
             self.state = ThreadState(value.key, self.ctx)
         self.clock.saw(value.rec)
-        return self._done(self.state.on_command(value.rec, value.command))
+        return self._done(self.state.on_command(value.rec, value.command))  # type: ignore[arg-type]  # branched
 
     @override
     def on_notify(self) -> tuple[list[Record], bool]:
@@ -190,7 +196,7 @@ class _ThreadLogic(op.StatefulLogic[_Item, Record, bytes]):
         return data
 
 
-class _ScheduleLogic(op.StatefulLogic[Schedule, Record, tuple[str, dict[str, float]]]):
+class _ScheduleLogic(op.StatefulLogic[_Item, Record, tuple[str, dict[str, float]]]):
     """Bytewax's handle on one ``ScheduleState``; the snapshot carries the key (builders lack it)."""
 
     def __init__(self, resume_topic: str, clock: InputClock,
@@ -204,10 +210,11 @@ class _ScheduleLogic(op.StatefulLogic[Schedule, Record, tuple[str, dict[str, flo
         return records, self.DISCARD if empty else self.RETAIN
 
     @override
-    def on_item(self, value: Schedule) -> tuple[list[Record], bool]:
+    def on_item(self, value: _Item) -> tuple[list[Record], bool]:
         if self.state is None:
             self.state = ScheduleState(value.key)
-        self.state.on_schedule(value)
+        self.clock.saw(value.rec)
+        self.state.on_schedule(value.command)  # type: ignore[arg-type]  # branched on it
         return self._done([])
 
     @override
@@ -231,11 +238,11 @@ def _parser(settings: Settings, registry: Registry) -> Any:
         try:
             key, what = parse(rec, settings, registry)
         except ProtocolError as e:
-            return dead_letter(rec, settings.dlq_topic, str(e))
+            return dead_letter(rec, settings.dlq_topic, str(e), settings.max_payload_bytes)
         except Exception as e:  # a bug of ours: dead-letter the record rather than crash-loop
             log.exception("internal_error", during="parse", source=rec.source)
             return dead_letter(rec, settings.dlq_topic, f"internal: {type(e).__name__}: {e}")
-        return what if isinstance(what, Schedule) else _Item(key, rec, what)
+        return _Item(key, rec, what)
 
     return parse_one
 
@@ -280,12 +287,12 @@ def build_flow(settings: Settings, registry: Registry | None = None, *,
         raw = op.merge("inputs", *ins)
     parsed = op.map("parse", op.map("incoming", raw, to_incoming), _parser(settings, registry))
     bad = op.branch("valid", parsed, lambda p: isinstance(p, Record))
-    kind = op.branch("kind", bad.falses, lambda p: isinstance(p, Schedule))
+    kind = op.branch("kind", bad.falses, lambda p: isinstance(p.command, Schedule))
 
     items = op.key_on("by-thread", kind.falses, lambda it: it.key)
     threads = op.stateful(STEP_THREAD, items,
                           lambda resume: _ThreadLogic(workers.get(), resume))
-    schedules = op.key_on("by-scheduler-key", kind.trues, lambda s: s.key)
+    schedules = op.key_on("by-scheduler-key", kind.trues, lambda it: it.key)
     fired = op.stateful(STEP_SCHEDULER, schedules,
                         lambda resume: _ScheduleLogic(settings.resume_topic, workers.get().clock,
                                                       resume))

@@ -21,7 +21,7 @@ from kwf import config
 from kwf.api import Suspend
 from kwf.config import Settings
 from kwf.errors import NonDeterminismError, RemoteError
-from kwf.journal import (CANCEL, CANCELLED, COMPLETED, ERROR, FAILED, RESUME, RUNNING, TIMER,
+from kwf.journal import (CANCELLED, COMPLETED, ERROR, FAILED, RESUME, RUNNING, TIMER,
                          Check, Event, Journal)
 from kwf.loop import WorkflowLoop, _Future
 from kwf.protocol import Record, output_record
@@ -73,9 +73,13 @@ class Instance:
     def start(cls, workflow: Workflow, journal: Journal, settings: Settings) -> tuple[Instance, list[Record]]:
         """Run a new thread's first step (``journal`` holds no events yet)."""
         inst = cls(workflow, journal, settings)
-        inst._begin(journal.started)
-        inst.loop.run_until_idle()
-        return inst, inst._commit(None)
+        try:
+            inst._begin(journal.started)
+            inst.loop.run_until_idle()
+            return inst, inst._commit(None)
+        except BaseException:
+            inst.dispose()
+            raise
 
     @classmethod
     def rebuild(cls, workflow: Workflow, journal: Journal, settings: Settings) -> Instance:

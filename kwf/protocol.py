@@ -22,6 +22,13 @@ if TYPE_CHECKING:
 
 Headers = tuple[tuple[str, Union[str, bytes]], ...]
 
+MAX_KEY_BYTES = 4096
+"""Thread ids longer than this are refused: a key appears three times in every status record."""
+
+MAX_DEPTH = 64
+"""JSON nested deeper is refused: the journal keeps values, and pickling them must not recurse
+past Python's limit at snapshot time (a poison pill: every restart would fail again)."""
+
 MAX_DELAY_MS = 10**12
 """The longest ``workflow-scheduler`` delay accepted: beyond it, dates stop being dates."""
 
@@ -124,13 +131,30 @@ def _finite(text: str) -> float:
 
 
 def loads(text: str) -> Any:
-    """Strict JSON (no NaN, no Infinity, no overflow), with the protocol's error code."""
+    """Strict JSON (no NaN, no Infinity, no overflow, ``MAX_DEPTH`` levels at most)."""
     try:
-        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite)
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite)
     except ValueError as e:
         raise ProtocolError("bad-json", f"{e} in {_clip(text)}") from None
     except RecursionError:
-        raise ProtocolError("bad-json", f"nested too deeply: {_clip(text)}") from None
+        value = None
+    else:
+        if _shallow(value):
+            return value
+    raise ProtocolError("bad-json", f"nested deeper than {MAX_DEPTH} levels: {_clip(text)}")
+
+
+def _shallow(value: Any) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if type(item) is dict else item if type(item) is list else ()
+        for child in children:
+            if type(child) in (dict, list):
+                if depth >= MAX_DEPTH:
+                    return False
+                stack.append((child, depth + 1))
+    return True
 
 
 def _clip(text: str, limit: int = 80) -> str:
@@ -146,6 +170,9 @@ def decode_key(key: bytes | str | None) -> str:
             raise ProtocolError("bad-key", "the key is not UTF-8; keys are thread ids") from None
     if not key:
         raise ProtocolError("bad-key", "the record has no key; the key is the thread id")
+    if len(key) > MAX_KEY_BYTES // 4 and len(key.encode()) > MAX_KEY_BYTES:
+        raise ProtocolError("bad-key", f"the key is longer than {MAX_KEY_BYTES} bytes; "
+                                       "thread ids are short names")
     return key
 
 
@@ -220,10 +247,38 @@ def parse_schedule(rec: Incoming, max_bytes: int) -> Schedule:
     return Schedule(a, b, None if delay_ms == 0 else rec.timestamp + delay_ms / 1000)
 
 
-def dead_letter(rec: Incoming, dlq_topic: str, error: str) -> Record:
-    """The record unchanged, to the dead-letter topic, with what is wrong and where it came from."""
-    return Record(dlq_topic, rec.key, rec.value,
-                  (("kwf-error", error), ("kwf-source", rec.source or rec.topic)), rec.timestamp)
+DLQ_KEEP_BYTES = 65536
+"""What a dead letter keeps of a key or value too large to forward: Kafka would refuse the
+copy, and the engine would stop on it after every restart."""
+
+
+def dead_letter(rec: Incoming, dlq_topic: str, error: str,
+                max_bytes: int = 1_000_000) -> Record:
+    """The record unchanged, to the dead-letter topic, with what is wrong and where it came from.
+
+    A key over ``MAX_KEY_BYTES`` or a value over ``max_bytes`` is cut to ``DLQ_KEEP_BYTES``,
+    and the header ``kwf-truncated`` gives the original sizes.
+    """
+    key, value = rec.key, rec.value
+    headers: Headers = (("kwf-error", error), ("kwf-source", rec.source or rec.topic))
+    key_size, value_size = _size(key), _size(value)
+    if key_size > MAX_KEY_BYTES or value_size > max_bytes:
+        key, value = _cut(key), _cut(value)
+        headers += (("kwf-truncated", f"key {key_size} bytes, value {value_size} bytes"),)
+    return Record(dlq_topic, key, value, headers, rec.timestamp)
+
+
+def _size(data: str | bytes | None) -> int:
+    if data is None:
+        return 0
+    return len(data) if isinstance(data, bytes) else len(data.encode(errors="surrogatepass"))
+
+
+def _cut(data: str | bytes | None) -> bytes | None:
+    if data is None:
+        return None
+    raw = data if isinstance(data, bytes) else data.encode(errors="surrogatepass")
+    return raw[:DLQ_KEEP_BYTES]
 
 
 def output_record(topic: str, key: str, value: str | None, *, thread: str, seq: int, step: int,

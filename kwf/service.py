@@ -152,8 +152,10 @@ class ServiceRunner:
 
     def _on_record(self, msg: Any) -> None:
         ts = msg.timestamp()[1] / 1000
-        rec = Record(msg.topic(), msg.key().decode() if msg.key() else None,
-                     msg.value().decode() if msg.value() is not None else None,
+        # "replace": one record that is not UTF-8 (another run's, a stray producer's) must not
+        # end the loop; the handler sees U+FFFD and answers or not, like any odd request.
+        rec = Record(msg.topic(), msg.key().decode(errors="replace") if msg.key() else None,
+                     msg.value().decode(errors="replace") if msg.value() is not None else None,
                      tuple(msg.headers() or ()), ts)
         thread = _thread_of(rec)
         if not thread or (self.accept is not None and not self.accept(thread)):

@@ -183,7 +183,8 @@ class Engine:
             try:
                 key, command = parse(rec, self.settings, self.registry)
             except ProtocolError as e:
-                self._collect([dead_letter(rec, self.settings.dlq_topic, str(e))], rec.timestamp)
+                self._collect([dead_letter(rec, self.settings.dlq_topic, str(e),
+                                           self.settings.max_payload_bytes)], rec.timestamp)
                 continue
             if isinstance(command, Schedule):
                 state = self.schedules.setdefault(key, ScheduleState(key))

@@ -20,7 +20,7 @@ from kwf.config import Settings
 from kwf.errors import NonDeterminismError
 from kwf.instance import Instance
 from kwf.journal import CANCEL, ERROR, FAILED, RESUME, TIMER, Event, Journal, decode, encode
-from kwf.protocol import (Cancel, Command, Incoming, Record, Resume, Schedule, Start,
+from kwf.protocol import (Command, Incoming, Record, Resume, Schedule, Start,
                           dead_letter, output_record)
 from kwf.registry import Registry, UnknownWorkflow
 
@@ -95,16 +95,18 @@ class ThreadState:
     # -- events ------------------------------------------------------------------------------
     def on_command(self, rec: Incoming, cmd: Command) -> list[Record]:
         """Apply a parsed ``workflow-resume`` record; never raises for a workflow's sake."""
+        out: list[Record] = []  # filled as steps commit, so an error later loses none of them
         try:
-            return self._on_command(rec, cmd)
+            return self._on_command(rec, cmd, out)
         except Exception as e:  # a bug of ours: keep the journal, drop the live object
             log.exception("internal_error", thread=self.key, source=rec.source)
             self.evict()
-            return [dead_letter(rec, self.ctx.settings.dlq_topic,
-                                f"internal: {type(e).__name__}: {e}; the thread is unchanged, "
-                                "resend the record after fixing the engine")]
+            return out + [dead_letter(rec, self.ctx.settings.dlq_topic,
+                                      f"internal: {type(e).__name__}: {e}; the thread keeps "
+                                      "its last committed step; resend the record after fixing "
+                                      "the engine")]
 
-    def _on_command(self, rec: Incoming, cmd: Command) -> list[Record]:
+    def _on_command(self, rec: Incoming, cmd: Command, out: list[Record]) -> list[Record]:
         j, dlq = self.journal, self.ctx.settings.dlq_topic
         if j is None and not isinstance(cmd, Start):
             return [dead_letter(rec, dlq, f"unknown-thread: no thread {self.key!r}; start it "
@@ -114,13 +116,14 @@ class ThreadState:
             return []
         time = max(rec.timestamp, j.time) if j is not None else rec.timestamp
         try:  # timers due by the record's time fire first, as Engine's clock reaches the record
-            out = self._fire_due(time)
+            self._fire_due(time, out)
         except _Unavailable as e:
             if e.reason is not None and not isinstance(cmd, Start):
-                return e.records + [dead_letter(rec, dlq, e.reason)]
-            out = e.records
+                return out + e.records + [dead_letter(rec, dlq, e.reason)]
+            out += e.records
         if isinstance(cmd, Start):
-            return out + self._start(cmd, rec.timestamp)
+            self._start(cmd, rec.timestamp, out)
+            return out
         if self.journal is None or self.journal.finished:
             log.info("record_for_finished_thread_ignored", thread=self.key, source=rec.source)
             return out
@@ -140,7 +143,9 @@ class ThreadState:
                      source=rec.source)
             return out
         self._stepped()
-        return out + records + self._fire_due(time)
+        out += records
+        self._fire_due(time, out)
+        return out
 
     def on_timer(self, now: float) -> list[Record]:
         """Fire durable timers due by ``now``, or discard an expired tombstone."""
@@ -154,34 +159,37 @@ class ThreadState:
                 return [output_record(self.ctx.settings.events_topic, self.key, None,
                                       thread=self.key, seq=j.seq + 1, step=j.step, time=now)]
             return []
+        out: list[Record] = []
         try:
-            return self._fire_due(now)
+            self._fire_due(now, out)
         except _Unavailable as e:
-            return e.records
+            out += e.records
         except Exception:
             log.exception("internal_error", thread=self.key, during="timer")
             self.evict()
             self._blocked = True
-            return []
+        return out
 
-    def _start(self, cmd: Start, time: float) -> list[Record]:
+    def _start(self, cmd: Start, time: float, out: list[Record]) -> None:
         old = self.journal
-        self.evict()
         workflow = self.ctx.registry.resolve(cmd.workflow)
-        if old is not None and not old.finished:
-            log.info("thread_replaced", thread=self.key, old_workflow=old.workflow,
-                     new_workflow=workflow.name)
-        self.journal = Journal(
+        journal = Journal(
             thread=self.key, workflow=workflow.name, fingerprint=workflow.fingerprint,
             arg=cmd.arg, started=max(time, old.time) if old else time,
             base_step=old.step + 1 if old else 0, base_seq=old.seq if old else 0)
-        self._blocked = False
-        self.instance, out = Instance.start(workflow, self.journal, self.ctx.settings)
+        instance, records = Instance.start(workflow, journal, self.ctx.settings)
+        # Only now, the new thread being whole, is the old one replaced.
+        if old is not None and not old.finished:
+            log.info("thread_replaced", thread=self.key, old_workflow=old.workflow,
+                     new_workflow=workflow.name)
+        self.evict()
+        self.journal, self.instance, self._blocked = journal, instance, False
         self._stepped()
-        return out + self._fire_due(time)
+        out += records
+        self._fire_due(time, out)
 
-    def _fire_due(self, now: float) -> list[Record]:
-        out: list[Record] = []
+    def _fire_due(self, now: float, out: list[Record]) -> None:
+        """Fire due timers, one step per due time, adding each step's records as it commits."""
         while self.journal is not None and not self.journal.finished:
             due = self.journal.next_timer()
             if due is None or due > now:
@@ -193,7 +201,6 @@ class ThreadState:
                 raise RuntimeError(msg)
             out += records
             self._stepped()
-        return out
 
     # -- the live instance ---------------------------------------------------------------------
     def _live(self) -> Instance:

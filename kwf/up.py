@@ -83,15 +83,17 @@ def engine_command(state: Path, snapshot_s: int = 1, workers: int = 1,
         recovery.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "bytewax.recovery", str(recovery),
                         str(partitions)], check=True, capture_output=True)
-    return [sys.executable, "-m", "bytewax.run", "dataflow", "-r", str(recovery), "-s",
-            str(snapshot_s), "-b", "0", "-w", str(workers)]
+    # The entry point by path, not by module name from the checkout: the engine then runs in
+    # the caller's directory, where KWF_WORKFLOWS modules and relative paths are found.
+    return [sys.executable, "-m", "bytewax.run", str(ROOT / "dataflow.py"), "-r", str(recovery),
+            "-s", str(snapshot_s), "-b", "0", "-w", str(workers)]
 
 
 def start_engine(settings: Settings, state: Path) -> subprocess.Popen[bytes]:
     """The engine in a subprocess with recovery under ``state``, logging to a file there."""
     env = {**os.environ, "KWF_BROKERS": settings.brokers, "PYTHONUNBUFFERED": "1"}
     log = (state / "engine.log").open("ab")
-    return subprocess.Popen(engine_command(state), cwd=ROOT, env=env, stdout=log,
+    return subprocess.Popen(engine_command(state), env=env, stdout=log,
                             stderr=subprocess.STDOUT)
 
 
@@ -116,7 +118,6 @@ def run_command(args: argparse.Namespace) -> int:
     command = engine_command(Path(args.state).resolve(), args.snapshot, args.workers,
                              args.partitions)
     print(" ".join(command[1:]), flush=True)
-    os.chdir(ROOT)
     os.execv(command[0], command)  # Bytewax gets the signals itself (Ctrl-C, SIGTERM)
 
 

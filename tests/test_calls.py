@@ -8,7 +8,6 @@ import json
 from typing import Any
 
 import pytest
-from kwf_support import values
 
 import kwf
 from kwf.calls import CallTimeout, backoff_delay, call
