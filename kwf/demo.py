@@ -172,7 +172,8 @@ class _Tracker:
         now = time.time()
         for msg in messages:
             key, value = msg.key(), msg.value()
-            thread = self.threads.get(key.decode()) if msg.error() is None and key else None
+            thread = (self.threads.get(key.decode(errors="replace"))
+                      if msg.error() is None and key else None)
             if thread is None:
                 continue
             seen += 1

@@ -331,13 +331,20 @@ def from_env() -> Dataflow:
     from kwf.kafka.admin import check_brokers, required_topics
     from kwf.registry import load_modules
 
-    settings = Settings.from_env()
     _configure_process()
     try:
+        settings = Settings.from_env()
+    except (ValueError, TypeError) as e:
+        raise StartupError(f"a KWF_* variable does not parse ({e}); see the README's "
+                           "settings table") from e
+    if settings.kafka_properties is not None and not settings.kafka_properties.is_file():
+        raise StartupError(f"KWF_KAFKA_PROPERTIES={settings.kafka_properties} is not a file")
+    try:
         load_modules(settings.workflows)
-    except ImportError as e:
+    except Exception as e:  # noqa: BLE001 - any failure of user code at import
         msg = (f"cannot import the workflow modules KWF_WORKFLOWS={','.join(settings.workflows)} "
-               f"({e}); name importable modules, and check PYTHONPATH")
+               f"({type(e).__name__}: {e}); name importable modules, check PYTHONPATH, and "
+               "run one with python -c 'import <module>' to see its error")
         raise StartupError(msg) from e
     try:
         registry = Registry(None, settings.default_workflow)

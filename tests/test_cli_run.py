@@ -39,3 +39,17 @@ def test_kwf_up_runs_the_example_workflows_end_to_end(kafka_brokers, unique, tmp
     assert "12 of 12 threads finished" in done.stdout
     assert "engine stopped" in done.stdout
     assert (tmp_path / "recovery" / "part-0.sqlite3").exists()
+
+
+def test_the_engine_refuses_bad_settings_and_broken_workflow_modules(tmp_path: Path):
+    """A setting that does not parse, or a workflow module that fails at import, stops the
+    engine at once with what to fix, not a traceback from deep inside."""
+    (tmp_path / "broken_wf.py").write_text("import kwf\nraise RuntimeError('half-written')\n")
+    entry = str(Path(__file__).parent.parent / "dataflow.py")
+    for extra, expected in (({"KWF_BATCH_SIZE": "lots"}, "KWF_* variable does not parse"),
+                            ({"KWF_WORKFLOWS": "broken_wf"}, "RuntimeError: half-written")):
+        env = {**os.environ, "KWF_BROKERS": "127.0.0.1:1", **extra}
+        done = subprocess.run([sys.executable, "-m", "bytewax.run", entry], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0
+        assert "kwf engine not started" in done.stderr and expected in done.stderr
