@@ -66,7 +66,7 @@ class _Partition(StatelessSinkPartition[Record]):
         if err is not None:
             key = msg.key()
             shown = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
-            self._failures.append(f"{msg.topic()} key={shown!r}: {err.str()}")
+            self._failures.append(f"{msg.topic()} key={_clip(shown)!r}: {err.str()}")
 
     def _produce(self, rec: Record) -> None:
         kwargs: dict[str, Any] = {
@@ -82,7 +82,7 @@ class _Partition(StatelessSinkPartition[Record]):
             except BufferError:  # the local queue is full: let deliveries drain it
                 self._producer.poll(0.1)
             except KafkaException as e:  # refused before queueing (an unknown topic...)
-                self._failures.append(f"{rec.topic} key={rec.key!r}: {e.args[0].str()}")
+                self._failures.append(f"{rec.topic} key={_clip(rec.key)!r}: {e.args[0].str()}")
                 return
 
     @override
@@ -128,3 +128,12 @@ class KafkaRecordSink(DynamicSink[Record]):
     @override
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _Partition:
         return _Partition(self._config, worker_index)
+
+
+def _clip(key: str | bytes | None, limit: int = 200) -> str | bytes | None:
+    """Keys in error messages and logs: enough to find the thread, not a megabyte of it."""
+    if key is None or len(key) <= limit:
+        return key
+    if isinstance(key, bytes):
+        return key[:limit] + b"..."
+    return key[:limit] + "..."
