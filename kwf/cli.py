@@ -18,6 +18,7 @@ import structlog
 
 from kwf.config import Settings
 from kwf.demo import register_demo
+from kwf.ops import register_ops
 from kwf.up import register_run, register_up
 from kwf.kafka.admin import KafkaSetupError, check_brokers, ensure_topics, required_topics
 from kwf.kafka.broker import DEFAULT_PORT, KAFKA_VERSION, BrokerStatus, LocalBroker
@@ -188,7 +189,7 @@ def topics_check(args: argparse.Namespace) -> int:
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
-    register_up, register_run, register_kafka, register_topics, register_demo]
+    register_up, register_run, register_ops, register_kafka, register_topics, register_demo]
 """Top-level commands, in help order; `up` and `demo` register here too."""
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from kwf.config import Settings
+
 
 def test_kwf_run_makes_recovery_once_and_refuses_unreachable_brokers(tmp_path: Path):
     env = {**os.environ, "KWF_BROKERS": "127.0.0.1:1"}
@@ -53,3 +55,46 @@ def test_the_engine_refuses_bad_settings_and_broken_workflow_modules(tmp_path: P
                               capture_output=True, text=True, timeout=60)
         assert done.returncode != 0
         assert "kwf engine not started" in done.stderr and expected in done.stderr
+
+
+@pytest.mark.kafka
+def test_kwf_send_and_status_talk_to_a_running_engine(kafka_brokers, unique, tmp_path: Path):
+    """Start an approval-like thread with ``kwf send``, see it waiting with ``kwf status``,
+    answer it with ``kwf send``, and see it completed."""
+    from kwf.kafka.admin import ensure_topics
+
+    run = unique("ops")
+    topics = {f"KWF_{name}_TOPIC": f"{run}-{name.lower()}"
+              for name in ("RESUME", "SCHEDULER", "RESULT", "ERROR", "EVENTS", "DLQ")}
+    env = {**os.environ, **topics, "KWF_BROKERS": kafka_brokers}
+    settings = Settings(brokers=kafka_brokers, **{k[4:].lower(): v for k, v in topics.items()})
+    ensure_topics(settings)
+    kwf = [sys.executable, "-m", "kwf.cli"]
+    engine = subprocess.Popen(kwf + ["run", "--state", str(tmp_path), "-s", "1"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(kwf + list(args), env=env, capture_output=True, text=True,
+                                  timeout=60)
+
+        assert cli("send", "a1", "not a record").returncode == 2  # refused before sending
+        assert cli("send", "a1", 'new:approval:{"subject": "laptop"}').returncode == 0
+
+        def status_of(thread: str) -> str:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                done = cli("status", thread, "--timeout", "5")
+                if done.returncode == 0:
+                    return done.stdout
+                time.sleep(0.5)
+            raise AssertionError(done.stdout + done.stderr)
+
+        assert "approval  running" in status_of("a1") and "'decision'" in status_of("a1")
+        cli("send", "a1", '{"ref": "decision", "value": {"approved": true, "by": "approver"}}')
+        deadline = time.monotonic() + 60
+        while "completed" not in status_of("a1") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert "approval  completed" in status_of("a1")
+    finally:
+        engine.terminate()
+        engine.wait(30)
