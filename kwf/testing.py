@@ -162,7 +162,10 @@ class Engine:
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        try:
+            self.close()
+        except Exception:  # noqa: S110 - at interpreter exit, modules may be half torn down
+            pass
 
     # -- the loop ------------------------------------------------------------------------
     def _wakeups(self) -> Iterable[float]:
