@@ -9,6 +9,7 @@ from kwf_support import values
 
 import kwf
 from kwf.config import Settings
+from kwf.testing import Engine
 
 kwf.config.output_topics |= {"rt-out", "rt-cancelled", "workflow-scheduler"}
 
@@ -324,3 +325,20 @@ def test_outputs_kafka_would_refuse_fail_the_workflow_not_the_engine(make_engine
     err = eng.outputs("workflow-error")[-1]
     assert err.key == "t1" and err.header("kwf-error-type") == "TypeError"
     assert eng.status("t2")["status"] == "completed"
+
+
+def test_engine_works_inside_a_running_event_loop_as_in_a_notebook():
+    """Jupyter runs an asyncio loop: Engine must step workflows on their own loops inside it,
+    and give the outer loop back untouched."""
+    async def notebook_cell():
+        outer = asyncio.get_running_loop()
+        eng = Engine(workflows=[two])
+        eng.send("t1", "new:{}")
+        eng.send("t1", '{"ref": "testRef", "value": 1}')
+        eng.send("t1", '{"ref": "testRef", "value": 2}')
+        assert asyncio.get_running_loop() is outer
+        await asyncio.sleep(0)  # the outer loop still runs
+        eng.close()
+        return eng.result("t1")
+
+    assert asyncio.run(notebook_cell()) == "suspendResumeTestRet"
