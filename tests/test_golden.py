@@ -23,6 +23,7 @@ from kwf.journal import Journal
 from kwf.registry import get, load_modules
 
 GOLDEN = Path(__file__).parent / "golden"
+load_modules(["workflows"])  # at import, as the engine does: their topics are declared then
 SCRIPTS: dict[str, list[tuple[str, Any]]] = {
     # thread: [("send", value) | ("advance", seconds)], stopping while the thread is in flight
     "golden-trip": [("send", 'new:trip:{"timeoutMs": 5000}'), ("send", '{"ref": "0:2", "value": 1}'),
