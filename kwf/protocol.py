@@ -138,8 +138,8 @@ def loads(text: str) -> Any:
         raise ProtocolError("bad-json", f"{e} in {_clip(text)}") from None
     except RecursionError:
         value = None
-    else:
-        if _shallow(value):
+    else:  # fewer brackets than levels allowed cannot nest too deep: skip the walk
+        if text.count("[") + text.count("{") <= MAX_DEPTH or _shallow(value):
             return value
     raise ProtocolError("bad-json", f"nested deeper than {MAX_DEPTH} levels: {_clip(text)}")
 
