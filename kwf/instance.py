@@ -77,9 +77,7 @@ class Instance:
         """Run a new thread's first step (``journal`` holds no events yet)."""
         inst = cls(workflow, journal, settings)
         try:
-            inst._begin(journal.started)
-            inst.loop.run_until_idle()
-            return inst, inst._commit(None)
+            return inst, inst._step(None)  # type: ignore[return-value]  # a start always runs
         except BaseException:
             inst.dispose()
             raise
@@ -93,16 +91,12 @@ class Instance:
         """
         inst = cls(workflow, journal, settings, replaying=True)
         try:
-            inst._begin(journal.started)
-            inst.loop.run_until_idle()
-            inst._commit(None)
+            inst._step(None)
             inst._verify(journal.checks[0], "start")
             for event, check in zip(journal.events, journal.checks[1:]):
-                if not inst._settle(event):
+                if inst._step(event) is None:
                     inst._diverged(f"the journal applied {_describe(event)}, but the code has "
                                    "nothing waiting for it")
-                inst.loop.run_until_idle()
-                inst._commit(event)
                 inst._verify(check, _describe(event))
         except BaseException:
             inst.dispose()
@@ -113,7 +107,13 @@ class Instance:
     # -- applying --------------------------------------------------------------------------
     def apply(self, event: Event) -> list[Record] | None:
         """Apply one event live; None when nothing waits for it (stale: nothing changes)."""
-        if not self._settle(event):
+        return self._step(event)
+
+    def _step(self, event: Event | None) -> list[Record] | None:
+        """One step, live or replayed: the start (``event`` None) or an event; None if stale."""
+        if event is None:
+            self._begin(self.journal.started)
+        elif not self._settle(event):
             return None
         self.loop.run_until_idle()
         return self._commit(event)
