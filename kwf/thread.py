@@ -97,40 +97,44 @@ class ThreadState:
         """Apply a parsed ``workflow-resume`` record; never raises for a workflow's sake."""
         out: list[Record] = []  # filled as steps commit, so an error later loses none of them
         try:
-            return self._on_command(rec, cmd, out)
+            self._on_command(rec, cmd, out)
         except Exception as e:  # a bug of ours: keep the journal, drop the live object
             log.exception("internal_error", thread=self.key, source=rec.source)
             self.evict()
-            return out + [dead_letter(rec, self.ctx.settings.dlq_topic,
-                                      f"internal: {type(e).__name__}: {e}; the thread keeps "
-                                      "its last committed step; resend the record after fixing "
-                                      "the engine")]
+            out.append(dead_letter(rec, self.ctx.settings.dlq_topic,
+                                   f"internal: {type(e).__name__}: {e}; the thread keeps its "
+                                   "last committed step; resend the record after fixing the "
+                                   "engine"))
+        self._bound()
+        return out
 
-    def _on_command(self, rec: Incoming, cmd: Command, out: list[Record]) -> list[Record]:
+    def _on_command(self, rec: Incoming, cmd: Command, out: list[Record]) -> None:
         j, dlq = self.journal, self.ctx.settings.dlq_topic
         if j is None and not isinstance(cmd, Start):
-            return [dead_letter(rec, dlq, f"unknown-thread: no thread {self.key!r}; start it "
-                                          "with new: or init:, or check the key")]
+            out.append(dead_letter(rec, dlq, f"unknown-thread: no thread {self.key!r}; start "
+                                             "it with new: or init:, or check the key"))
+            return
         if isinstance(cmd, Start) and cmd.only_if_new and j is not None:
             log.info("init_ignored", thread=self.key, reason="thread exists")
-            return []
+            return
         time = max(rec.timestamp, j.time) if j is not None else rec.timestamp
         try:  # timers due by the record's time fire first, as Engine's clock reaches the record
             self._fire_due(time, out)
-        except _Unavailable as e:
-            if e.reason is not None and not isinstance(cmd, Start):
-                return out + e.records + [dead_letter(rec, dlq, e.reason)]
-            out += e.records
-        if isinstance(cmd, Start):
-            self._start(cmd, rec.timestamp, out)
-            return out
-        if self.journal is None or self.journal.finished:
-            log.info("record_for_finished_thread_ignored", thread=self.key, source=rec.source)
-            return out
-        try:
+            if isinstance(cmd, Start):
+                self._start(cmd, rec.timestamp, out)
+                return
+            if self.journal is None or self.journal.finished:
+                log.info("record_for_finished_thread_ignored", thread=self.key,
+                         source=rec.source)
+                return
             instance = self._live()
-        except _Unavailable as e:
-            return out + e.records + ([dead_letter(rec, dlq, e.reason)] if e.reason else [])
+        except _Unavailable as e:  # parked (its records), or its workflow is not served
+            out += e.records
+            if isinstance(cmd, Start):
+                self._start(cmd, rec.timestamp, out)
+            elif e.reason is not None:
+                out.append(dead_letter(rec, dlq, e.reason))
+            return
         if isinstance(cmd, Resume):
             event: Event = (ERROR if cmd.is_error else RESUME, time, cmd.ref,
                             cmd.error if cmd.is_error else cmd.value)
@@ -138,14 +142,12 @@ class ThreadState:
             event = (CANCEL, time, None, cmd.payload)
         records = instance.apply(event)
         if records is None:
-            self.ctx.cache.touch(self)  # it may have been rebuilt for this: bound it again
             log.info("stale_record_ignored", thread=self.key, ref=getattr(cmd, "ref", None),
                      source=rec.source)
-            return out
+            return
         self._stepped()
         out += records
         self._fire_due(time, out)
-        return out
 
     def on_timer(self, now: float) -> list[Record]:
         """Fire durable timers due by ``now``, or discard an expired tombstone."""
@@ -168,6 +170,7 @@ class ThreadState:
             log.exception("internal_error", thread=self.key, during="timer")
             self.evict()
             self._blocked = True
+        self._bound()
         return out
 
     def _start(self, cmd: Start, time: float, out: list[Record]) -> None:
@@ -245,7 +248,7 @@ class ThreadState:
         return records
 
     def _stepped(self) -> None:
-        """After a step: a finished thread becomes a tombstone; a live one is marked used."""
+        """After a step: a finished thread becomes a tombstone, its instance disposed."""
         j, instance = self.journal, self.instance
         assert j is not None and instance is not None
         if j.finished:
@@ -253,7 +256,14 @@ class ThreadState:
             self.instance = None
             self.ctx.cache.forget(self)
             j.to_tombstone(self.ctx.settings.tombstone_retention_s)
-        else:
+
+    def _bound(self) -> None:
+        """After a record or timer: a live instance counts against the live-instance budget.
+
+        Done once per record, not per step, so a thread rebuilt for a record keeps its instance
+        until the record is done (with ``max_live=0``, until then only).
+        """
+        if self.instance is not None:
             self.ctx.cache.touch(self)
 
     def evict(self) -> None:
