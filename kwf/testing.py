@@ -97,12 +97,12 @@ class Engine:
             self.clock = max(self.clock, due)
             for key, state in list(self.schedules.items()):
                 if (t := state.wakeup()) is not None and t <= due:
-                    self._collect(state.on_timer(due, self.settings.resume_topic), due)
+                    self._collect(state.on_timer(due, self.settings.resume_topic))
                     if not state.entries:
                         del self.schedules[key]
             for key, thread in list(self.threads.items()):
                 if (t := thread.wakeup()) is not None and t <= due:
-                    self._collect(thread.on_timer(due), due)
+                    self._collect(thread.on_timer(due))
                     if thread.journal is None:
                         del self.threads[key]
             self._drain()
@@ -187,7 +187,7 @@ class Engine:
                 key, command = parse(rec, self.settings, self.registry)
             except ProtocolError as e:
                 self._collect([dead_letter(rec, self.settings.dlq_topic, str(e),
-                                           self.settings.max_payload_bytes)], rec.timestamp)
+                                           self.settings.max_payload_bytes)])
                 continue
             if isinstance(command, Schedule):
                 state = self.schedules.setdefault(key, ScheduleState(key))
@@ -198,11 +198,11 @@ class Engine:
             thread = self.threads.get(key)
             if thread is None:
                 thread = self.threads[key] = ThreadState(key, self.ctx)
-            self._collect(thread.on_command(rec, command), rec.timestamp)
+            self._collect(thread.on_command(rec, command))
             if thread.journal is None:
                 del self.threads[key]
 
-    def _collect(self, records: Sequence[Record], time: float) -> None:
+    def _collect(self, records: Sequence[Record]) -> None:
         s = self.settings
         for rec in records:
             self._outputs.append(rec)
