@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
-from kwf.registry import UnknownWorkflow
+from kwf.registry import NAME, RESERVED, UnknownWorkflow
 
 if TYPE_CHECKING:
     from kwf.config import Settings
@@ -32,8 +32,7 @@ past Python's limit at snapshot time (a poison pill: every restart would fail ag
 MAX_DELAY_MS = 10**12
 """The longest ``workflow-scheduler`` delay accepted: beyond it, dates stop being dates."""
 
-_NAMED = re.compile(r"([A-Za-z_][A-Za-z0-9_.-]*):")
-_RESERVED = ("true", "false", "null")
+_NAMED = re.compile(f"({NAME}):")
 
 
 @dataclass(frozen=True)
@@ -206,7 +205,7 @@ def parse_command(text: str) -> Command:
             rest = text[len(prefix):]
             name = None
             match = _NAMED.match(rest)
-            if match and match.group(1) not in _RESERVED:
+            if match and match.group(1) not in RESERVED:
                 name, rest = match.group(1), rest[match.end():]
             return Start(name, loads(rest) if rest.strip() else None, only_if_new)
     if text.startswith("cancel:"):

@@ -15,8 +15,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable, TypeVar, cast, overload
 
-NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\Z")
-_RESERVED = frozenset({"true", "false", "null"})
+NAME = r"[A-Za-z_][A-Za-z0-9_.-]*"
+"""A workflow name, as ``new:<name>:<json>`` carries it."""
+RESERVED = frozenset({"true", "false", "null"})
+"""Names that would read as the JSON of ``new:<json>``."""
+_NAME_RE = re.compile(NAME + r"\Z")
 
 WorkflowFn = Callable[[Any], Awaitable[Any]]
 F = TypeVar("F", bound=WorkflowFn)
@@ -53,7 +56,7 @@ def _fingerprint(fn: WorkflowFn) -> tuple[str, str]:
 
 def check_name(name: str) -> str:
     """Return ``name`` if it can appear in ``new:<name>:<json>``, else raise ``ValueError``."""
-    if not NAME_RE.match(name) or name in _RESERVED:
+    if not _NAME_RE.match(name) or name in RESERVED:
         msg = (
             f"workflow name {name!r} is not valid; names match [A-Za-z_][A-Za-z0-9_.-]* "
             "and are not true/false/null, so that new:<name>:<json> is unambiguous"
