@@ -241,7 +241,8 @@ def _parser(settings: Settings, registry: Registry) -> Any:
             return dead_letter(rec, settings.dlq_topic, str(e), settings.max_payload_bytes)
         except Exception as e:  # a bug of ours: dead-letter the record rather than crash-loop
             log.exception("internal_error", during="parse", source=rec.source)
-            return dead_letter(rec, settings.dlq_topic, f"internal: {type(e).__name__}: {e}")
+            return dead_letter(rec, settings.dlq_topic, f"internal: {type(e).__name__}: {e}",
+                               settings.max_payload_bytes)
         return _Item(key, rec, what)
 
     return parse_one
@@ -294,8 +295,7 @@ def build_flow(settings: Settings, registry: Registry | None = None, *,
                           lambda resume: _ThreadLogic(workers.get(), resume))
     schedules = op.key_on("by-scheduler-key", kind.trues, lambda it: it.key)
     fired = op.stateful(STEP_SCHEDULER, schedules,
-                        lambda resume: _ScheduleLogic(settings.resume_topic, workers.get().clock,
-                                                      resume))
+                        lambda resume: _ScheduleLogic(settings.resume_topic, workers.clock, resume))
 
     outputs = op.merge("outputs", bad.trues, op.key_rm("thread-records", threads),
                        op.key_rm("scheduler-records", fired))
