@@ -66,7 +66,7 @@ def run_once(brokers: str, batch_size: int, records: int, threads: int, sleepers
     from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
     from kwf.config import Settings
-    from kwf.kafka.admin import create_topics
+    from kwf.engine.admin import create_topics
 
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "KWF_BROKERS": brokers, "KWF_WORKFLOWS": "timers",

@@ -1,4 +1,4 @@
-"""``ListSource``: the input of ``kwf.flow.run_flow``, a list of records with crash points.
+"""``ListSource``: the input of ``kwf.engine.flow.run_flow``, a list of records with crash points.
 
 Why not ``bytewax.testing.TestingSource``: its resume position counts emitted items but not
 the ``ABORT``/``PAUSE`` sentinels it skips, so a resume after a sentinel applies one record

@@ -231,8 +231,8 @@ def run_flow(records: Sequence[tuple[str, str | bytes | None, str | bytes | None
              **kwargs: Any) -> list[Record]:
     """Run the real Bytewax dataflow in-process over ``(topic, key, value[, timestamp])`` records.
 
-    Outputs are not fed back (there is no Kafka in between). See ``kwf.flow.run_flow``.
+    Outputs are not fed back (there is no Kafka in between). See ``kwf.engine.flow.run_flow``.
     """
-    from kwf.flow import run_flow as _run_flow  # bytewax only when asked for
+    from kwf.engine.flow import run_flow as _run_flow  # bytewax only when asked for
 
     return _run_flow(records, **kwargs)

@@ -4,7 +4,7 @@
 evicted and rebuilt by replay), and applies the rules of DESIGN section 4: starts and
 replacements, resumes, stale refs, tombstones, unknown threads, durable timers, and parking a
 thread whose replay diverged. ``ScheduleState`` is the built-in ``workflow-scheduler``. Both
-``kwf.testing.Engine`` and the Bytewax logic in ``kwf.flow`` drive these classes, so that every
+``kwf.testing.Engine`` and the Bytewax logic in ``kwf.engine.flow`` drive these classes, so that every
 rule is written once.
 """
 

@@ -61,7 +61,7 @@ def test_the_engine_refuses_bad_settings_and_broken_workflow_modules(tmp_path: P
 def test_kwf_send_and_status_talk_to_a_running_engine(kafka_brokers, unique, tmp_path: Path):
     """Start an approval-like thread with ``kwf send``, see it waiting with ``kwf status``,
     answer it with ``kwf send``, and see it completed."""
-    from kwf.kafka.admin import ensure_topics
+    from kwf.engine.admin import ensure_topics
 
     run = unique("ops")
     topics = {f"KWF_{name}_TOPIC": f"{run}-{name.lower()}"

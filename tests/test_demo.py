@@ -1,11 +1,11 @@
-"""``kwf.demo``: what it sends is valid and finishes in Engine; outcomes, percentiles, rendering."""
+"""``kwf.cli.demo``: what it sends is valid and finishes in Engine; outcomes, percentiles, rendering."""
 
 from __future__ import annotations
 
 from collections import Counter
 
 
-from kwf.demo import (KINDS, DemoReport, Thread, percentile, render_progress, render_summary,
+from kwf.cli.demo import (KINDS, DemoReport, Thread, percentile, render_progress, render_summary,
                       start_records)
 from kwf.protocol import Start, parse_command
 from kwf.testing import Engine

@@ -70,7 +70,7 @@ def kafka_engine(kafka_brokers: str, tmp_path_factory: pytest.TempPathFactory
     """One engine for this module, on topics of its own."""
     from bytewax.recovery import init_db_dir
 
-    from kwf.kafka.admin import ensure_topics
+    from kwf.engine.admin import ensure_topics
 
     run = uuid.uuid4().hex[:8]
     settings = Settings(
@@ -270,7 +270,7 @@ def test_cart_signals_reminder_and_abandonment_end_to_end(kafka_engine: KafkaEng
 def test_demo_summary_matches_engine_thread_by_thread(kafka_engine: KafkaEngine):
     """``kwf demo`` against the real engine: every thread ends, and each one's status and result
     are those ``Engine`` gives the same thread with the same services on virtual time."""
-    from kwf.demo import KINDS, run_demo, start_records
+    from kwf.cli.demo import KINDS, run_demo, start_records
     from workflows._services import demo_services
 
     report = run_demo(kafka_engine.settings, 8, timeout=WAIT_S)

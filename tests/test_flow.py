@@ -38,7 +38,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kwf.config import Settings
-from kwf.flow import run_flow
+from kwf.engine.flow import run_flow
 from kwf.protocol import Record
 from kwf.testing import Engine
 from workflows import approval, ecommerce, order, trip_booking
@@ -348,7 +348,7 @@ def test_a_backlog_is_applied_before_the_timers_it_precedes() -> None:
 
 def test_input_clock_waits_for_every_partition_it_hears_from(monkeypatch: pytest.MonkeyPatch) -> None:
     """A fresh partition cannot vouch for one still behind; a quiet one stops holding timers."""
-    from kwf.flow import InputClock
+    from kwf.engine.flow import InputClock
     from kwf.protocol import Incoming
 
     mono = [100.0]

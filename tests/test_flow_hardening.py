@@ -20,8 +20,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 import kwf
 from kwf._testing_source import ListSource
 from kwf.config import Settings
-from kwf.flow import build_flow, run_flow
-from kwf.kafka.admin import create_topics
+from kwf.engine.flow import build_flow, run_flow
+from kwf.engine.admin import create_topics
 from kwf.instance import Instance
 from kwf.journal import Journal
 from kwf.protocol import Incoming, Record, Resume, parse_command

@@ -25,8 +25,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from kwf.config import Settings
-from kwf.kafka.admin import create_topics
-from kwf.kafka.sink import DeliveryError, KafkaRecordSink
+from kwf.engine.admin import create_topics
+from kwf.engine.sink import DeliveryError, KafkaRecordSink
 from kwf.protocol import Record
 
 REPO = Path(__file__).resolve().parent.parent

@@ -272,9 +272,9 @@ def test_output_refuses_records_kafka_cannot_take(case):
     """``Instance.output`` checks the value's size (its comment: "refused by Kafka, the engine
     would stop, restart, and be refused again") but not the key's size nor the headers: a
     2 MB key passes, and a header value with a lone surrogate passes although the Kafka sink
-    cannot encode it (``kwf.kafka.sink._kafka_headers`` raises UnicodeEncodeError). Either
+    cannot encode it (``kwf.engine.sink._kafka_headers`` raises UnicodeEncodeError). Either
     crashes/crash-loops the engine."""
-    from kwf.kafka.sink import _encode, _kafka_headers
+    from kwf.engine.sink import _encode, _kafka_headers
 
     eng = Engine(workflows=[rv_header])
     eng.send("t1", f'new:"{case}"')

@@ -1,6 +1,6 @@
 """Kafka plumbing for kwf: the local development broker and topic administration."""
 
-from kwf.kafka.admin import (
+from kwf.engine.admin import (
     KafkaSetupError,
     check_brokers,
     create_topics,

@@ -30,7 +30,7 @@ from pathlib import Path
 import structlog
 
 from kwf.config import read_properties
-from kwf.kafka.admin import KafkaSetupError, _Admin
+from kwf.engine.admin import KafkaSetupError, _Admin
 
 log = structlog.get_logger(__name__)
 

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["DemoReport", "Thread", "register_demo", "render_progress", "render_summary",
            "run_demo", "start_records"]
 
-log = structlog.get_logger("kwf.demo")
+log = structlog.get_logger("kwf.cli.demo")
 
 KINDS = ("trip", "cart", "order", "approval")
 OUTCOMES = ("completed", "compensated", "timed out", "failed", "abandoned", "cancelled",
@@ -357,7 +357,7 @@ def add_demo_arguments(demo: argparse.ArgumentParser, n: int) -> None:
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    from kwf.kafka.admin import check_brokers, required_topics
+    from kwf.engine.admin import check_brokers, required_topics
     from workflows._services import demo_services
 
     settings = Settings.from_env()

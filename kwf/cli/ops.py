@@ -16,7 +16,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from kwf.config import Settings
-from kwf.kafka.admin import KafkaSetupError, check_brokers
+from kwf.engine.admin import KafkaSetupError, check_brokers
 from kwf.protocol import ProtocolError, parse_command
 
 

@@ -1,63 +1,15 @@
-"""The ``kwf`` command.
-
-Each top-level command is a ``register(commands)`` function in ``COMMANDS`` that adds its
-subparser and sets ``handler`` to a small function taking the parsed arguments and returning the
-exit code; add a command by appending its register function. Handlers print what a person needs
-to read (progress, results) on stdout; the library's structured logs go to stderr with ``-v``.
-"""
+"""``kwf kafka`` (the local development broker) and ``kwf topics`` (the topics kwf needs)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
-import sys
-from collections.abc import Callable
-
-import structlog
 
 from kwf.config import Settings
-from kwf.demo import register_demo
-from kwf.ops import register_ops
-from kwf.up import register_run, register_up
-from kwf.kafka.admin import KafkaSetupError, check_brokers, ensure_topics, required_topics
+from kwf.engine.admin import check_brokers, ensure_topics, required_topics
 from kwf.kafka.broker import DEFAULT_PORT, KAFKA_VERSION, BrokerStatus, LocalBroker
 
-Handler = Callable[[argparse.Namespace], int]
-
 NOT_RUNNING = 3  # `status` exit code when stopped, as for LSB init scripts
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the ``kwf`` command line; returns the exit code (the console script exits with it)."""
-    args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose)
-    try:
-        code: int = args.handler(args)
-        return code
-    except KafkaSetupError as exc:
-        print(f"kwf: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kwf", description="Workflow-as-code on Kafka.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="structured logs on stderr")
-    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    for register in COMMANDS:
-        register(commands)
-    return parser
-
-
-def _configure_logging(verbose: bool) -> None:
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.INFO if verbose else logging.WARNING
-        ),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
 
 
 # -- kwf kafka start|stop|status|reset -------------------------------------------------------
@@ -186,12 +138,3 @@ def topics_check(args: argparse.Namespace) -> int:
     check_brokers(settings.kafka_config(), wanted, timeout=args.timeout)
     print(f"ok: {settings.brokers} answers and has all {len(wanted)} topics")
     return 0
-
-
-COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
-    register_up, register_run, register_ops, register_kafka, register_topics, register_demo]
-"""Top-level commands, in help order; `up` and `demo` register here too."""
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 from kwf.config import Settings
-from kwf.demo import add_demo_arguments, demo_command
-from kwf.kafka.admin import KafkaSetupError, check_brokers, ensure_topics, required_topics
+from kwf.cli.demo import add_demo_arguments, demo_command
+from kwf.engine.admin import KafkaSetupError, check_brokers, ensure_topics, required_topics
 from kwf.kafka.broker import DEFAULT_PORT, LocalBroker
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 """The checkout: ``dataflow.py`` and ``workflows/`` live here."""
 
 

@@ -41,7 +41,7 @@ from kwf.protocol import (
 from kwf.registry import Registry, Workflow, WorkflowFn
 from kwf.thread import Context, ScheduleState, ThreadState
 
-log = structlog.get_logger("kwf.flow")
+log = structlog.get_logger("kwf.engine.flow")
 
 # Step ids: recovery state is keyed by them. Never rename.
 STEP_RESUME_IN = "workflow-resume"
@@ -300,7 +300,7 @@ def build_flow(settings: Settings, registry: Registry | None = None, *,
     outputs = op.merge("outputs", bad.trues, op.key_rm("thread-records", threads),
                        op.key_rm("scheduler-records", fired))
     if sink is None:
-        from kwf.kafka.sink import KafkaRecordSink
+        from kwf.engine.sink import KafkaRecordSink
 
         sink = KafkaRecordSink(settings.kafka_config())
     op.output(STEP_OUT, outputs, sink)
@@ -328,7 +328,7 @@ def from_env() -> Dataflow:
     within ``CHECK_TIMEOUT_S`` when the brokers are unreachable or a topic is missing (Bytewax's
     Kafka source would hang for ever instead).
     """
-    from kwf.kafka.admin import check_brokers, required_topics
+    from kwf.engine.admin import check_brokers, required_topics
     from kwf.registry import load_modules
 
     _configure_process()
