@@ -1,0 +1,68 @@
+"""Read-only access to an engine's recovery store: the journals of its threads.
+
+The journal is the thread's history (DESIGN section 7), and Bytewax keeps it in the recovery
+partitions (``part-*.sqlite3``, table ``snaps``). This module opens them read-only, so it is safe
+while the engine runs, and decodes the newest snapshot of each thread. It never writes: a
+recovery store is the engine's alone.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sqlite3
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from kwf.journal import Journal, decode
+
+THREAD_STEP = "kwf.thread.stateful_batch"
+"""The recovery key of the per-thread step (flow id ``kwf``, step ``thread``)."""
+
+
+class StoreError(RuntimeError):
+    """The recovery store cannot be read; the message says what to check."""
+
+
+def partitions(recovery_dir: str | Path) -> list[Path]:
+    """The partition files of a recovery directory, or ``StoreError`` naming what is wrong."""
+    root = Path(recovery_dir)
+    if not root.is_dir():
+        msg = f"no recovery directory {root}; pass the engine's -r directory (kwf run: STATE/recovery)"
+        raise StoreError(msg)
+    parts = sorted(root.glob("part-*.sqlite3"))
+    if not parts:
+        msg = f"{root} holds no part-*.sqlite3: it is not an initialised recovery directory"
+        raise StoreError(msg)
+    return parts
+
+
+def _rows(part: Path, keys: Iterable[str] | None) -> Iterator[tuple[str, bytes]]:
+    db = sqlite3.connect(f"file:{part}?mode=ro", uri=True, timeout=10.0)
+    try:
+        query = ("SELECT state_key, ser_change FROM snaps AS s WHERE step_id = ? AND snap_epoch = "
+                 "(SELECT MAX(snap_epoch) FROM snaps WHERE step_id = s.step_id "
+                 "AND state_key = s.state_key)")
+        args: list[str] = [THREAD_STEP]
+        wanted = None if keys is None else list(keys)
+        if wanted is not None:
+            query += f" AND state_key IN ({','.join('?' * len(wanted))})"
+            args += wanted
+        for key, data in db.execute(query, args):
+            if data is not None:  # a tombstone row: the thread's state was discarded
+                yield key, data
+    except sqlite3.Error as e:
+        msg = f"cannot read {part}: {e}"
+        raise StoreError(msg) from e
+    finally:
+        db.close()
+
+
+def read_journals(recovery_dir: str | Path, keys: Iterable[str] | None = None) -> Iterator[Journal]:
+    """The newest journal of each thread in the store (only ``keys`` if given), in no order.
+
+    A snapshot is Bytewax's pickle of the bytes kwf gave it: our own store, never Kafka input.
+    """
+    wanted = None if keys is None else set(keys)
+    for part in partitions(recovery_dir):
+        for _key, data in _rows(part, wanted):
+            yield decode(pickle.loads(data))  # noqa: S301 - the engine's own snapshot
