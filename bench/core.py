@@ -76,7 +76,7 @@ def steps_per_second(workflow: str, n_threads: int, max_live: int) -> float:
     started = time.perf_counter()
     for round_ in range(len(plan[0][1])):  # interleave threads, as a topic would
         for key, values in plan:
-            rec = Incoming("workflow-resume", key, values[round_], 1000.0 + round_, "bench")
+            rec = Incoming("workflow-resume", key, values[round_], 1000.0 + round_)
             key, command = parse(rec, settings, registry)
             state = threads.get(key) or threads.setdefault(key, ThreadState(key, ctx))
             state.on_command(rec, command)
@@ -99,7 +99,7 @@ def bytes_per_suspended(workflow: str, n_threads: int) -> tuple[float, float]:
     for key, values in plan:
         state = ThreadState(key, ctx)
         for value in values[:2]:
-            rec = Incoming("workflow-resume", key, value, 1000.0, "bench")
+            rec = Incoming("workflow-resume", key, value, 1000.0)
             state.on_command(rec, parse(rec, settings, registry)[1])
         threads.append(state)
     gc.collect()

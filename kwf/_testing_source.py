@@ -27,17 +27,29 @@ from kwf.protocol import Incoming
 _PART = "records"
 
 
-def _incoming(item: Sequence[Any], index: int, stamp: float) -> Incoming:
+def _incoming(item: Sequence[Any], offset: int, stamp: float) -> Incoming:
     topic, key, value = item[0], item[1], item[2]
     ts = float(item[3]) if len(item) > 3 and item[3] is not None else stamp
-    # One offset sequence over all topics, as kwf.testing.Engine numbers the records it sends.
-    return Incoming(topic, key, value, ts, f"{topic}/0/{index}")
+    return Incoming(topic, key, value, ts, 0, offset)
+
+
+def _offsets(items: Sequence[Any]) -> list[int]:
+    """Each data record's offset, as Kafka (and ``kwf.testing.Engine``) number them: one
+    partition per topic, 0, 1, 2, ... in list order; sentinels get none."""
+    counts: dict[str, int] = {}
+    offsets = []
+    for item in items:
+        if not isinstance(item, TestingSource.ABORT):
+            offsets.append(counts.get(item[0], 0))
+            counts[item[0]] = offsets[-1] + 1
+    return offsets
 
 
 class _Partition(StatefulSourcePartition[Incoming, int]):
     def __init__(self, items: Sequence[Any], stamp: float, linger: float, batch_size: int,
                  resume: int | None) -> None:
         self._items = items
+        self._offsets = _offsets(items)
         self._stamp = stamp
         self._linger = linger
         self._batch_size = batch_size
@@ -65,7 +77,7 @@ class _Partition(StatefulSourcePartition[Incoming, int]):
                     self._stop = AbortExecution()
                     return batch
                 continue
-            batch.append(_incoming(item, self._emitted, self._stamp))
+            batch.append(_incoming(item, self._offsets[self._emitted], self._stamp))
             self._emitted += 1
         if self._pos >= len(self._items) and not batch:
             if self._linger > 0 and self._awake is None:

@@ -9,7 +9,6 @@ comes from a generator seeded per thread, so a replay reproduces every value.
 from __future__ import annotations
 
 import asyncio
-import json
 import random as _random
 import uuid as _uuid
 from asyncio import events
@@ -18,6 +17,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Generator, Iterable, Sequence
 
 from kwf.loop import WorkflowLoop, _Future
+from kwf.protocol import dumps
 
 if TYPE_CHECKING:
     from kwf.instance import Instance
@@ -67,7 +67,11 @@ class Suspend:
 def suspend(id: str | None = None) -> Suspend:
     """Create a durable wait point with a deterministic id.
 
-    Auto ids are ``"<step>:<n>"`` (the thread's step, then 1, 2, ... within the step). A custom
+    Auto ids are ``"<offset>:<n>"``, as kafka-workflow makes them: the Kafka offset in
+    ``workflow-resume`` of the record whose step creates the suspend, then 1, 2, ... within the
+    step (``"17:1"``), so ids are unique within a partition. A step with no record (a built-in
+    durable timer firing) uses ``"<offset>.<k>:<n>"``: the thread's last record, then a count of
+    such steps since it (``"17.1:1"``). Ids are identical on replay. A custom
     id such as ``"main"`` is a named channel: it can be suspended on again once the previous
     one with that id settled or was cancelled.
     """
@@ -85,8 +89,10 @@ def output(value: str | None, topic: str, key: str | None = None,
 
 
 def output_json(obj: Any, topic: str, key: str | None = None) -> None:
-    """``output(json.dumps(obj), topic, key)``."""
-    _instance("output_json").output(json.dumps(obj, allow_nan=False), topic, key, None)
+    """``output`` of ``obj`` as compact JSON, byte for byte what ``JSON.stringify`` writes
+    (``{"a":1,"é":[]}``: no spaces, keys in order, non-ASCII as is); ``ValueError`` or
+    ``TypeError`` for what JSON cannot hold (NaN, sets, objects)."""
+    _instance("output_json").output(dumps(obj), topic, key, None)
 
 
 def thread_id() -> str:
@@ -95,7 +101,10 @@ def thread_id() -> str:
 
 
 def step_id() -> int:
-    """The step being applied: 0 for the start record, +1 for each applied event."""
+    """The step being applied: 0 for the start record, +1 for each applied event.
+
+    A count per thread, not a suspend id prefix: ids come from Kafka offsets (see ``suspend``).
+    """
     return _instance("step_id").step
 
 

@@ -10,8 +10,9 @@ class RemoteError(Exception):
     """Raised at an ``await`` that was resumed with ``{"ref": ..., "error": payload}``.
 
     ``payload`` is the JSON value exactly as the other service sent it; ``str(error)`` is the
-    payload itself when it is a string, else its JSON text, so ``workflow-error`` records read
-    as the seed's did (``"\\"timeout\\""``).
+    payload itself when it is a string, else its compact JSON text (keys in the order sent), so
+    ``workflow-error`` records read as the seed's did (``"\\"timeout\\""``) and an object reads
+    as JSON, not as the seed's ``"[object Object]"``.
     """
 
     def __init__(self, payload: Any) -> None:
@@ -21,7 +22,7 @@ class RemoteError(Exception):
     def __str__(self) -> str:
         if isinstance(self.payload, str):
             return self.payload
-        return json.dumps(self.payload, sort_keys=True)
+        return json.dumps(self.payload, ensure_ascii=False, separators=(",", ":"))
 
 
 class NonDeterminismError(RuntimeError):

@@ -10,7 +10,6 @@ a wrong state. It never talks to Kafka and never reads the wall clock.
 
 from __future__ import annotations
 
-import json
 import random
 import zlib
 from typing import Any, Iterable
@@ -24,13 +23,10 @@ from kwf.errors import NonDeterminismError, RemoteError
 from kwf.journal import (CANCELLED, COMPLETED, ERROR, FAILED, RESUME, RUNNING, TIMER,
                          Check, Event, Journal)
 from kwf.loop import WorkflowLoop, _Future
-from kwf.protocol import Record, output_record
+from kwf.protocol import Record, dumps, output_record
 from kwf.registry import Workflow
 
 log = structlog.get_logger("kwf.instance")
-
-_STATUS_JSON = json.JSONEncoder(check_circular=False)
-"""One status record per step: skipping the cycle check (our own flat dict) saves a third."""
 
 _CLOSE_ATTEMPTS = 100
 _UNCLOSABLE: list[Any] = []
@@ -62,6 +58,7 @@ class Instance:
         self.replaying = replaying
         self.disposed = False
         self._n = 0
+        self._origin = journal.origin
         self._out: list[Record] = []
         self._count = 0
         self._crc = 0
@@ -112,6 +109,7 @@ class Instance:
     def _step(self, event: Event | None) -> list[Record] | None:
         """One step, live or replayed: the start (``event`` None) or an event; None if stale."""
         if event is None:
+            self._origin = self.journal.origin
             self._begin(self.journal.started)
         elif not self._settle(event):
             return None
@@ -119,7 +117,7 @@ class Instance:
         return self._commit(event)
 
     def _settle(self, event: Event) -> bool:
-        kind, time, ref, payload = event
+        kind, time, ref, payload, origin = event
         future: _Future | None = None
         if kind in (RESUME, ERROR):
             future = self.pending.get(ref)
@@ -132,6 +130,7 @@ class Instance:
         elif self.main.done():  # CANCEL
             return False
         self.step += 1
+        self._origin = origin
         self._begin(time)
         if kind == RESUME:  # fresh copies: workflow code may mutate what it gets, not the journal
             future.set_result(_fresh(payload))  # type: ignore[union-attr]  # checked above
@@ -190,7 +189,7 @@ class Instance:
         error = main.exception()
         if error is None:
             try:
-                value = json.dumps(main.result(), allow_nan=False)
+                value = dumps(main.result())
             except (TypeError, ValueError, RecursionError) as e:
                 error = TypeError(f"the workflow's result is not JSON: {e}")
             else:
@@ -203,7 +202,7 @@ class Instance:
             self._emit(self.settings.result_topic, self.thread_id, value)
             return
         self.status = FAILED
-        text = json.dumps(str(error)[:10_000])  # an error text must not be refused by Kafka
+        text = dumps(str(error)[:10_000])  # an error text must not be refused by Kafka
         self._result = text
         self._emit(self.settings.error_topic, self.thread_id, text,
                    (("kwf-error-type", type(error).__qualname__),))
@@ -214,10 +213,10 @@ class Instance:
     def suspend(self, id: str | None) -> Suspend:
         if id is None:  # skipping any a named suspend already holds
             self._n += 1
-            id = f"{self.step}:{self._n}"
+            id = f"{self._origin}:{self._n}"
             while id in self.pending and not self.pending[id].done():
                 self._n += 1
-                id = f"{self.step}:{self._n}"
+                id = f"{self._origin}:{self._n}"
         else:
             previous = self.pending.get(id)
             if previous is not None and not previous.done():
@@ -275,11 +274,11 @@ class Instance:
                                            time=self.loop.time(), extra=extra))
 
     def _status_json(self, timers: tuple[float, ...]) -> str:
-        return _STATUS_JSON.encode({
+        return dumps({
             "thread": self.thread_id, "workflow": self.workflow.name, "status": self.status,
             "step": self.step, "pending": list(self.pending) if self.status == RUNNING else [],
             "timers": list(timers), "updated": self.loop.time(),
-        })
+        }, flat=True)
 
     # -- replay checks ---------------------------------------------------------------------
     def _verify(self, recorded: Check, what: str) -> None:
@@ -354,5 +353,5 @@ def _fresh(value: Any) -> Any:
 
 
 def _describe(event: Event) -> str:
-    kind, time, ref, _ = event
+    kind, time, ref, _, _ = event
     return f"{kind} {ref!r} at {time}" if ref is not None else f"{kind} at {time}"

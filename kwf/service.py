@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import json
 import threading
 import time
 from typing import Any, Callable, Iterable, Mapping
@@ -23,7 +22,7 @@ from typing import Any, Callable, Iterable, Mapping
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from kwf.protocol import Record
+from kwf.protocol import Record, dumps
 
 __all__ = ["Handler", "ServiceRunner", "assign_at_end"]
 
@@ -175,7 +174,7 @@ class ServiceRunner:
                       answer=repr(answer)[:200])
             return
         due = time.monotonic() + (self.delay(rec) if self.delay else 0.0)
-        heapq.heappush(self._due, (due, next(self._order), thread, json.dumps(answer)))
+        heapq.heappush(self._due, (due, next(self._order), thread, dumps(answer)))
 
     def _send_due(self, producer: Producer, now: float) -> None:
         while self._due and self._due[0][0] <= now:

@@ -2,21 +2,22 @@
 
 ``Engine`` applies records exactly as the dataflow does (the same ``protocol.parse`` and the
 same ``ThreadState``), on a virtual clock, and loops records written to ``workflow-resume``
-and ``workflow-scheduler`` back into itself, as Kafka would. ``run_flow`` runs the real Bytewax
+and ``workflow-scheduler`` back into itself, as Kafka would. It numbers the records it reads as
+Kafka would with one partition per topic: each topic's records take offsets 0, 1, 2, ... in the
+order they are read, so suspend ids (``<offset>:<n>``) are those the engine would make. ``run_flow`` runs the real Bytewax
 dataflow over a list of records.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 from collections import deque
 from dataclasses import replace
 from typing import Any, Callable, Iterable, Sequence
 
 from kwf.config import Settings
 from kwf.journal import Journal
-from kwf.protocol import Incoming, ProtocolError, Record, Schedule, dead_letter, parse
+from kwf.protocol import Incoming, ProtocolError, Record, Schedule, dead_letter, dumps, parse
 from kwf.registry import Registry, Workflow, WorkflowFn
 from kwf.thread import Context, ScheduleState, ThreadState
 
@@ -65,7 +66,8 @@ class Engine:
         self._outputs: list[Record] = []
         self._queue: deque[Incoming] = deque()
         self._handlers: dict[str, Handler] = {}
-        self._offsets = itertools.count()
+        self._inputs: list[Incoming] = []
+        self._offsets: dict[str, itertools.count[int]] = {}
 
     # -- input ---------------------------------------------------------------------------
     def send(self, key: str | bytes | None, value: str | bytes | None, *,
@@ -126,6 +128,19 @@ class Engine:
             return list(self._outputs)
         return [r for r in self._outputs if r.topic == topic]
 
+    def inputs(self, topic: str | None = None) -> list[Incoming]:
+        """Every record read so far (sent, looped back, answered by a handler), in order, with
+        the ``offset`` it got; only those of ``topic`` if given.
+
+        >>> eng = Engine(workflows=[])
+        >>> _ = eng.send("t1", "cancel:")
+        >>> eng.inputs()[-1].offset, eng.inputs()[-1].source
+        (0, 'workflow-resume/0/0')
+        """
+        if topic is None:
+            return list(self._inputs)
+        return [r for r in self._inputs if r.topic == topic]
+
     def status(self, key: str) -> dict[str, Any] | None:
         """The thread's latest ``workflow-events`` record, parsed (None if there is none)."""
         for rec in reversed(self._outputs):
@@ -177,12 +192,15 @@ class Engine:
 
     def _enqueue(self, topic: str, key: str | bytes | None, value: str | bytes | None,
                  timestamp: float) -> None:
-        self._queue.append(Incoming(topic, key, value, float(timestamp),
-                                    f"{topic}/0/{next(self._offsets)}"))
+        offsets = self._offsets.get(topic)
+        if offsets is None:
+            offsets = self._offsets[topic] = itertools.count()
+        self._queue.append(Incoming(topic, key, value, float(timestamp), 0, next(offsets)))
 
     def _drain(self) -> None:
         while self._queue:
             rec = self._queue.popleft()
+            self._inputs.append(rec)
             try:
                 key, command = parse(rec, self.settings, self.registry)
             except ProtocolError as e:
@@ -223,7 +241,7 @@ class Engine:
             ref = sent["ref"] if isinstance(sent, dict) and "ref" in sent else rec.value
             answer = {"ref": ref, "value": answer}
         self._enqueue(self.settings.resume_topic, rec.header("kwf-thread") or rec.key,
-                      json.dumps(answer), self.clock)
+                      dumps(answer), self.clock)
 
 
 def run_flow(records: Sequence[tuple[str, str | bytes | None, str | bytes | None]

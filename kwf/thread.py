@@ -10,7 +10,6 @@ rule is written once.
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -21,7 +20,7 @@ from kwf.errors import NonDeterminismError
 from kwf.instance import Instance
 from kwf.journal import CANCEL, ERROR, FAILED, RESUME, TIMER, Event, Journal, decode, encode
 from kwf.protocol import (Command, Incoming, Record, Resume, Schedule, Start,
-                          dead_letter, output_record)
+                          dead_letter, dumps, output_record)
 from kwf.registry import Registry, UnknownWorkflow
 
 log = structlog.get_logger("kwf.thread")
@@ -77,7 +76,12 @@ class ThreadState:
 
     @classmethod
     def restore(cls, data: bytes, ctx: Context) -> ThreadState:
-        """From a snapshot; the instance is rebuilt lazily, on the next event or timer."""
+        """From a snapshot; the instance is rebuilt lazily, on the next event or timer.
+
+        Never raises for a journal of an older format: Bytewax rebuilds every key at startup,
+        and an exception here would stop the engine at each restart. Such a thread is parked
+        as failed at once (``wakeup``), saying why and what to do.
+        """
         journal = decode(data)
         return cls(journal.thread, ctx, journal)
 
@@ -90,6 +94,8 @@ class ThreadState:
         j = self.journal
         if j is None or self._blocked:
             return None
+        if j.refused is not None:
+            return j.time  # park it now
         return j.expires if j.finished else j.next_timer()
 
     # -- events ------------------------------------------------------------------------------
@@ -121,7 +127,7 @@ class ThreadState:
         try:  # timers due by the record's time fire first, as Engine's clock reaches the record
             self._fire_due(time, out)
             if isinstance(cmd, Start):
-                self._start(cmd, rec.timestamp, out)
+                self._start(cmd, rec, out)
                 return
             if self.journal is None or self.journal.finished:
                 log.info("record_for_finished_thread_ignored", thread=self.key,
@@ -131,15 +137,16 @@ class ThreadState:
         except _Unavailable as e:  # parked (its records), or its workflow is not served
             out += e.records
             if isinstance(cmd, Start):
-                self._start(cmd, rec.timestamp, out)
+                self._start(cmd, rec, out)
             elif e.reason is not None:
                 out.append(dead_letter(rec, dlq, e.reason))
             return
+        origin = str(rec.offset)
         if isinstance(cmd, Resume):
             event: Event = (ERROR if cmd.is_error else RESUME, time, cmd.ref,
-                            cmd.error if cmd.is_error else cmd.value)
+                            cmd.error if cmd.is_error else cmd.value, origin)
         else:
-            event = (CANCEL, time, None, cmd.payload)
+            event = (CANCEL, time, None, cmd.payload, origin)
         records = instance.apply(event)
         if records is None:
             log.info("stale_record_ignored", thread=self.key, ref=getattr(cmd, "ref", None),
@@ -163,6 +170,8 @@ class ThreadState:
             return []
         out: list[Record] = []
         try:
+            if j.refused is not None:
+                self._live()  # parks it
             self._fire_due(now, out)
         except _Unavailable as e:
             out += e.records
@@ -173,13 +182,14 @@ class ThreadState:
         self._bound()
         return out
 
-    def _start(self, cmd: Start, time: float, out: list[Record]) -> None:
-        old = self.journal
+    def _start(self, cmd: Start, rec: Incoming, out: list[Record]) -> None:
+        old, time = self.journal, rec.timestamp
         workflow = self.ctx.registry.resolve(cmd.workflow)
         journal = Journal(
             thread=self.key, workflow=workflow.name, fingerprint=workflow.fingerprint,
             arg=cmd.arg, started=max(time, old.time) if old else time,
-            base_step=old.step + 1 if old else 0, base_seq=old.seq if old else 0)
+            base_step=old.step + 1 if old else 0, base_seq=old.seq if old else 0,
+            origin=str(rec.offset))
         instance, records = Instance.start(workflow, journal, self.ctx.settings)
         # Only now, the new thread being whole, is the old one replaced.
         if old is not None and not old.finished:
@@ -198,7 +208,8 @@ class ThreadState:
             if due is None or due > now:
                 break
             instance = self._live()
-            records = instance.apply((TIMER, max(due, self.journal.time), None, None))
+            records = instance.apply((TIMER, max(due, self.journal.time), None, None,
+                                      self.journal.timer_origin()))
             if records is None:  # cannot happen while the journal lists a due timer
                 msg = f"thread {self.key!r}: journal lists a timer at {due} the code does not have"
                 raise RuntimeError(msg)
@@ -212,6 +223,8 @@ class ThreadState:
             return self.instance
         j = self.journal
         assert j is not None
+        if j.refused is not None:
+            raise _Unavailable(self._park(j.refused, "JournalFormatError"), None)
         try:
             workflow = self.ctx.registry.resolve(j.workflow)
         except UnknownWorkflow:
@@ -227,20 +240,21 @@ class ThreadState:
         self._blocked = False
         return self.instance
 
-    def _park(self, reason: str) -> list[Record]:
-        """Replay diverged: the thread fails, its journal is kept for inspection."""
+    def _park(self, reason: str, error_type: str = "NonDeterminismError") -> list[Record]:
+        """Replay diverged or is refused: the thread fails, its journal is kept for inspection."""
         j = self.journal
         assert j is not None
-        log.error("nondeterminism", thread=self.key, workflow=j.workflow, reason=reason)
+        log.error("thread_parked", thread=self.key, workflow=j.workflow, reason=reason,
+                  error_type=error_type)
         s = self.ctx.settings
-        j.status, j.result = FAILED, json.dumps(reason)
+        j.status, j.result, j.refused = FAILED, dumps(reason), None
         j.expires = j.time + s.tombstone_retention_s
-        status = json.dumps({"thread": self.key, "workflow": j.workflow, "status": FAILED,
+        status = dumps({"thread": self.key, "workflow": j.workflow, "status": FAILED,
                              "step": j.step, "pending": [], "timers": [], "updated": j.time,
                              "error": reason})
         records = []
         for topic, value, extra in ((s.error_topic, j.result,
-                                     (("kwf-error-type", "NonDeterminismError"),)),
+                                     (("kwf-error-type", error_type),)),
                                     (s.events_topic, status, ())):
             j.seq += 1
             records.append(output_record(topic, self.key, value, thread=self.key, seq=j.seq,

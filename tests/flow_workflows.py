@@ -96,4 +96,19 @@ async def fnotify(opts: Any) -> int:
         kwf.output_json({"note": note, "n": count}, NOTIFY)
 
 
-ALL = [ftrip, fcart, falarm, fnotify]
+@kwf.workflow("fids")
+async def fids(opts: Any) -> int:
+    """Each step writes the id of a fresh auto suspend to the notify topic: the offset of the
+    record that caused the step. ``"nap"`` sleeps first, so a timer's step (no record) makes
+    the next one; ``"stop"`` returns the step number."""
+    while True:
+        ref = kwf.suspend()
+        kwf.output(ref.id, NOTIFY)
+        value = await ref
+        if value == "stop":
+            return kwf.step_id()
+        if value == "nap":
+            await asyncio.sleep(0.5)
+
+
+ALL = [ftrip, fcart, falarm, fnotify, fids]

@@ -75,7 +75,7 @@ def test_error_reply_without_retries_raises_remote_error(make_engine):
     eng.handle("calls-svc", scripted({"error": {"code": 7}}))
     eng.send("t1", "new:{}")
     [err] = eng.outputs("workflow-error")
-    assert (err.json(), err.header("kwf-error-type")) == ('{"code": 7}', "RemoteError")
+    assert (err.json(), err.header("kwf-error-type")) == ('{"code":7}', "RemoteError")
 
 
 def test_backoff_doubles_up_to_the_cap_with_jitter_taken_off():

@@ -244,7 +244,7 @@ def test_divergence_found_while_firing_a_timer_before_a_record_parks_the_thread(
         await kwf.suspend("a")
 
     def rec(value, t):
-        return Incoming("workflow-resume", "t1", value, t, f"workflow-resume/0/{t}")
+        return Incoming("workflow-resume", "t1", value, t, 0, int(t))
 
     ctx = Context(Registry([kwf.workflow("det-timed")(v1)]), Settings())
     state = ThreadState("t1", ctx)

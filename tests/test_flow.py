@@ -251,9 +251,12 @@ def busy_records(n_threads: int = 6) -> list[Any]:
         steps += [(f"s{i}", 'new:ftrip:{"rest": 2}'), (f"c{i}", 'new:fcart:{"timeout": 500}'),
                   (f"n{i}", "new:fnotify:{}")]
     for i in range(n_threads):
-        steps += [(f"s{i}", resume("", "0:1", i)), (f"c{i}", resume("", "cart", {"op": "add", "item": i})),
-                  (f"n{i}", resume("", "note", i)), (f"s{i}", resume("", "0:2", i)),
-                  (f"n{i}", resume("", "note", -i)), (f"x{i}", "garbage"), (f"s{i}", resume("", "0:2"))]
+        start = 3 * i  # the offset of s{i}'s new: record: its suspend ids are <start>:<n>
+        steps += [(f"s{i}", resume("", f"{start}:1", i)),
+                  (f"c{i}", resume("", "cart", {"op": "add", "item": i})),
+                  (f"n{i}", resume("", "note", i)), (f"s{i}", resume("", f"{start}:2", i)),
+                  (f"n{i}", resume("", "note", -i)), (f"x{i}", "garbage"),
+                  (f"s{i}", resume("", f"{start}:2"))]
     for i in range(n_threads):
         steps += [(f"c{i}", resume("", "cart", {"op": "checkout"})), (f"n{i}", resume("", "note", "stop"))]
     return [(RESUME, key, value, FUTURE + 3 * j) for j, (key, value) in enumerate(steps)]
@@ -356,10 +359,10 @@ def test_input_clock_waits_for_every_partition_it_hears_from(monkeypatch: pytest
     monkeypatch.setattr(time, "time", lambda: 5000.0)
     clock = InputClock(idle_s=0.5)
     assert clock.now() == float("-inf")  # just started: wait for the input
-    clock.saw(Incoming(RESUME, "a", "x", 1000.0, f"{RESUME}/0/7"))
-    clock.saw(Incoming(RESUME, "b", "x", 4990.0, f"{RESUME}/1/9"))
+    clock.saw(Incoming(RESUME, "a", "x", 1000.0, 0, 7))
+    clock.saw(Incoming(RESUME, "b", "x", 4990.0, 1, 9))
     assert clock.now() == 1000.0  # partition 0 is an hour behind
-    clock.saw(Incoming(RESUME, "a", "x", 1200.0, f"{RESUME}/0/8"))
+    clock.saw(Incoming(RESUME, "a", "x", 1200.0, 0, 8))
     assert clock.now() == 1200.0
     mono[0] += 0.6  # both quiet now: the wall clock rules
     assert clock.now() == 5000.0

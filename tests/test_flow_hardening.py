@@ -140,7 +140,7 @@ class _Part(StatefulSourcePartition[Incoming, None]):
             return []
         self.i += 1
         topic, key, value, ts = item
-        return [Incoming(topic, key, value, ts, f"{topic}/0/{self.i}")]
+        return [Incoming(topic, key, value, ts, 0, self.i)]
 
     def next_awake(self) -> datetime | None:
         return self.awake
@@ -190,7 +190,7 @@ def _thread(workflow: Any) -> ThreadState:
 
 
 def _rec(value: str, t: float) -> Incoming:
-    return Incoming(RESUME, "t1", value, t, f"{RESUME}/0/{t}")
+    return Incoming(RESUME, "t1", value, t, 0, int(t))
 
 
 def test_outputs_of_timers_fired_before_an_internal_error_are_not_lost(

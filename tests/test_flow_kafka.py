@@ -110,9 +110,15 @@ class World:
                       self.tmp / f"engine-{self._engines}.log")
 
     # -- input ---------------------------------------------------------------------------------
-    def send(self, key: str | None, value: str | None, topic: str | None = None) -> None:
-        self.producer.produce(topic or self.settings.resume_topic, value=value, key=key)
+    def send(self, key: str | None, value: str | None, topic: str | None = None) -> int:
+        """Produce one record and return its offset (in the partition its key chose)."""
+        delivered: list[Any] = []
+        self.producer.produce(topic or self.settings.resume_topic, value=value, key=key,
+                              on_delivery=lambda err, msg: delivered.append((err, msg)))
         self.producer.flush(10)
+        (err, msg), = delivered
+        assert err is None, err
+        return int(msg.offset())
 
     def reply(self, rec: Record, value: Any = "ok") -> None:
         self.send(str(rec.key), json.dumps({"ref": rec.value, "value": value}))
@@ -187,7 +193,7 @@ def engines() -> Iterator[list[Engine]]:
 def test_saga_cart_and_alarm_run_to_their_results_with_timers(world: World, engines: list[Engine]) -> None:
     engine = world.engine().start()
     engines.append(engine)
-    world.send("trip-1", 'new:ftrip:{"rest": 1}')
+    trip = world.send("trip-1", 'new:ftrip:{"rest": 1}')
     world.send("cart-1", 'new:fcart:{"timeout": 1.5}')
     world.send("cart-1", json.dumps({"ref": "cart", "value": {"op": "add", "item": "tea"}}))
     world.send("cart-2", 'new:fcart:{"timeout": 60}')
@@ -197,7 +203,7 @@ def test_saga_cart_and_alarm_run_to_their_results_with_timers(world: World, engi
     s = world.settings
     world.pump(lambda: len(world.results()) == 4 and world.records[s.dlq_topic], 60, engine)
     assert world.results() == {
-        "trip-1": {"car": {"id": "0:1"}, "hotel": {"id": "0:2"}},
+        "trip-1": {"car": {"id": f"{trip}:1"}, "hotel": {"id": f"{trip}:2"}},
         "cart-1": {"status": "abandoned", "items": {"tea": 1}},
         "cart-2": {"status": "ordered", "items": {}},
         "alarm-1": "rang",
@@ -218,8 +224,9 @@ def test_kill_9_mid_run_loses_no_workflow_and_no_event(world: World, engines: li
     notes = {f"notifier-{i}": [f"{i}.{j}" for j in range(8)] for i in range(n)}
     engine = world.engine().start()
     engines.append(engine)
+    starts = {}
     for i in range(n):
-        world.send(f"trip-{i}", 'new:ftrip:{"rest": 1}')
+        starts[f"trip-{i}"] = world.send(f"trip-{i}", 'new:ftrip:{"rest": 1}')
         world.send(f"notifier-{i}", "new:fnotify:{}")
     for key, values in notes.items():
         for note in values[:4]:
@@ -236,7 +243,8 @@ def test_kill_9_mid_run_loses_no_workflow_and_no_event(world: World, engines: li
     world.pump(lambda: len(world.results()) == 2 * n, 90, engine)
 
     results = world.results()
-    assert all(results[f"trip-{i}"] == {"car": {"id": "0:1"}, "hotel": {"id": "0:2"}} for i in range(n))
+    for key, offset in starts.items():  # ids are the offsets of the starts, as kafka-workflow's
+        assert results[key] == {"car": {"id": f"{offset}:1"}, "hotel": {"id": f"{offset}:2"}}
     assert all(results[key] == len(values) for key, values in notes.items())
     written: dict[str, list[Any]] = defaultdict(list)
     for rec in world.unique(notify):
@@ -247,6 +255,39 @@ def test_kill_9_mid_run_loses_no_workflow_and_no_event(world: World, engines: li
     for rec in world.unique(s.events_topic):
         final[rec.key] = rec.json()["status"]
     assert set(final.values()) == {"completed"}
+
+
+def test_ids_are_the_offsets_of_the_records_that_caused_them_across_a_kill_9(
+        world: World, engines: list[Engine]) -> None:
+    """Each step of ``fids`` writes a fresh auto id: ``<offset>:1`` of the record that caused the
+    step, ``<offset>.1:1`` for a timer's step after it; the same after kill -9 and a restart."""
+    notify = world.user_topics["notify"]
+
+    def ids(key: str) -> list[str | bytes | None]:
+        return [r.value for r in world.unique(notify) if r.key == key]
+
+    def resume(key: str, ref: str, value: str) -> int:
+        return world.send(key, json.dumps({"ref": ref, "value": value}))
+
+    engine = world.engine().start()
+    engines.append(engine)
+    world.send("ids-a", "garbage")  # dead-lettered: the start is not at offset 0
+    a0 = world.send("ids-a", "new:fids:{}")
+    a1 = resume("ids-a", f"{a0}:1", "go")
+    world.pump(lambda: len(ids("ids-a")) >= 2, 60, engine)
+    engine.kill()
+    a2 = resume("ids-a", f"{a1}:1", "nap")  # while the engine is down
+    b0 = world.send("ids-b", "new:fids:{}")
+    engine = world.engine().start()
+    engines.append(engine)
+    world.pump(lambda: len(ids("ids-a")) >= 3 and len(ids("ids-b")) >= 1, 60, engine)
+    resume("ids-a", f"{a2}.1:1", "stop")
+    resume("ids-b", f"{b0}:1", "stop")
+    world.pump(lambda: len(world.results()) == 2, 60, engine)
+    assert a0 > 0
+    assert ids("ids-a") == [f"{a0}:1", f"{a1}:1", f"{a2}.1:1"]
+    assert ids("ids-b") == [f"{b0}:1"]
+    assert world.results() == {"ids-a": 4, "ids-b": 1}
 
 
 def test_an_undeliverable_record_stops_the_engine_and_is_written_after_the_fix(

@@ -19,17 +19,19 @@ import pytest
 
 from kwf.config import Settings
 from kwf.instance import Instance
-from kwf.journal import Journal
+from kwf.journal import FORMAT, Journal
 from kwf.registry import get, load_modules
 
 GOLDEN = Path(__file__).parent / "golden"
 load_modules(["workflows"])  # at import, as the engine does: their topics are declared then
 SCRIPTS: dict[str, list[tuple[str, Any]]] = {
-    # thread: [("send", value) | ("advance", seconds)], stopping while the thread is in flight
+    # thread: [("send" | "other", value) | ("advance", seconds)], stopping while the thread is
+    # in flight; "other" sends to another thread, shifting this thread's offsets
     "golden-trip": [("send", 'new:trip:{"timeoutMs": 5000}'), ("send", '{"ref": "0:2", "value": 1}'),
                     ("send", '{"ref": "0:1", "value": 2}')],
-    "golden-trip-failing": [("send", 'new:trip:{"throwAfterHotel": true}'),
-                            ("send", '{"ref": "0:1", "value": 1}'), ("advance", 0.5)],
+    # another thread's record first: this thread's records sit at offsets 1 and 2
+    "golden-trip-failing": [("other", 'new:trip:{}'), ("send", 'new:trip:{"throwAfterHotel": true}'),
+                            ("send", '{"ref": "1:1", "value": 1}'), ("advance", 0.5)],
     "golden-cart": [("send", 'new:cart:{"abandonedCartTimeoutMS": 2000}'),
                     ("send", '{"ref": "main", "value": {"type": "addToCart", "item": '
                              '{"productId": "p1", "quantity": 2}}}'),
@@ -46,11 +48,13 @@ SCRIPTS: dict[str, list[tuple[str, Any]]] = {
 
 
 def to_json(journal: Journal) -> str:
-    return json.dumps({f.name: getattr(journal, f.name) for f in fields(Journal)}, indent=1)
+    fields_ = {f.name: getattr(journal, f.name) for f in fields(Journal)}
+    return json.dumps({"format": FORMAT, **fields_}, indent=1)
 
 
 def from_json(text: str) -> Journal:
     data: dict[str, Any] = json.loads(text)
+    assert data.pop("format", 1) == FORMAT, "a golden of an older journal format: record again"
     data["events"] = [tuple(e) for e in data["events"]]
     data["checks"] = [(n, crc, tuple(pending)) for n, crc, pending in data["checks"]]
     data["timers"] = tuple(data["timers"])
@@ -65,7 +69,10 @@ def record() -> None:
     for thread, script in SCRIPTS.items():
         with Engine() as eng:
             for action, arg in script:
-                eng.send(thread, arg) if action == "send" else eng.advance(arg)
+                if action == "advance":
+                    eng.advance(arg)
+                else:
+                    eng.send(thread if action == "send" else "golden-other", arg)
             journal = eng.journal(thread)
             assert journal is not None and not journal.finished and journal.events, thread
             (GOLDEN / f"{thread}.json").write_text(to_json(journal) + "\n")

@@ -27,7 +27,7 @@ SETTINGS = Settings(max_payload_bytes=100)
     ('new:{"x": 1}', Start(None, {"x": 1}, False)),
     ("new:proto-a:[1]", Start("proto-a", [1], False)),
     ("new:true", Start(None, True, False)),
-    ("new:", Start(None, None, False)),
+    ("new:null", Start(None, None, False)),
     ("init:proto-a:null", Start("proto-a", None, True)),
     ('init:"s"', Start(None, "s", True)),
     ('{"ref": "0:1", "value": {"a": 1}}', Resume("0:1", value={"a": 1})),
@@ -42,6 +42,11 @@ def test_accepted_forms(text, command):
 
 @pytest.mark.parametrize(("key", "value", "code"), [
     ("t", "hello", "bad-form"),
+    ("t", "new:", "no-json"),
+    ("t", "new: ", "no-json"),
+    ("t", "init:", "no-json"),
+    ("t", "new:proto-a:", "no-json"),
+    ("t", "init:proto-a:", "no-json"),
     ("t", "new:{oops", "bad-json"),
     ("t", "new:NaN", "bad-json"),
     ("t", '{"value": 1}', "no-ref"),

@@ -85,7 +85,7 @@ def reservation_service(kind: str, behaviour: Behaviour) -> Handler:
 
     def answer(rec: Record) -> Answer | None:
         thread, ref = thread_of(rec), _text(rec)
-        fate = behaviour.outcome(service, thread, ref)
+        fate = behaviour.outcome(service, thread)  # not by ref: ids are Kafka offsets
         if fate == SILENT:
             return None
         if fate in (FAIL, FLAKY):

@@ -82,8 +82,7 @@ def to_incoming(msg: Any) -> Incoming:
         return msg
     kind, ms = msg.timestamp or (TIMESTAMP_NOT_AVAILABLE, 0)
     stamp = ms / 1000 if kind != TIMESTAMP_NOT_AVAILABLE and ms >= 0 else time.time()
-    return Incoming(msg.topic, msg.key, msg.value, stamp,
-                    f"{msg.topic}/{msg.partition}/{msg.offset}")
+    return Incoming(msg.topic, msg.key, msg.value, stamp, msg.partition, msg.offset)
 
 
 class InputClock:
