@@ -323,3 +323,15 @@ def test_records_carry_their_offset_to_dead_letters() -> None:
     (dead,) = eng.send("b", "garbage")
     assert dead.header("kwf-source") == "workflow-resume/0/1"
     assert isinstance(dead, Record)
+
+
+def test_kwf_send_refuses_a_start_without_json_before_any_broker() -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "KWF_BROKERS": "127.0.0.1:21099"}  # nothing listens: never reached
+    done = subprocess.run([sys.executable, "-m", "kwf.cli", "send", "t1", "init:approval:"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "not sent: no-json" in done.stdout
