@@ -57,13 +57,23 @@ async def sequential(arg: dict) -> int:
     return total
 
 
+def _offset(round_: int, thread: int, n_threads: int) -> int:
+    """The offset of a thread's record in a round, the threads interleaved in one partition."""
+    return round_ * n_threads + thread
+
+
 def _records(workflow: str, n_threads: int) -> list[tuple[str, list[str]]]:
-    """Per thread: the start record and the resumes that drive it to the end."""
-    if workflow == "bench-saga":
-        resumes = [json.dumps({"ref": f"0:{i}", "value": i}) for i in (1, 2, 3)]
-    else:
-        resumes = [json.dumps({"ref": f"{i}:1", "value": 1}) for i in range(10)]
-    return [(f"{workflow}-{t}", [f"new:{workflow}:{{}}"] + resumes) for t in range(n_threads)]
+    """Per thread: the start record and the resumes that drive it to the end (suspend ids are
+    ``<offset of the record that made them>:<n>``)."""
+    plan = []
+    for t in range(n_threads):
+        if workflow == "bench-saga":
+            refs = [f"{_offset(0, t, n_threads)}:{i}" for i in (1, 2, 3)]
+        else:
+            refs = [f"{_offset(r, t, n_threads)}:1" for r in range(10)]
+        resumes = [json.dumps({"ref": ref, "value": 1}) for ref in refs]
+        plan.append((f"{workflow}-{t}", [f"new:{workflow}:{{}}", *resumes]))
+    return plan
 
 
 def steps_per_second(workflow: str, n_threads: int, max_live: int) -> float:
@@ -75,13 +85,17 @@ def steps_per_second(workflow: str, n_threads: int, max_live: int) -> float:
     steps = 0
     started = time.perf_counter()
     for round_ in range(len(plan[0][1])):  # interleave threads, as a topic would
-        for key, values in plan:
-            rec = Incoming("workflow-resume", key, values[round_], 1000.0 + round_)
+        for t, (key, values) in enumerate(plan):
+            rec = Incoming("workflow-resume", key, values[round_], 1000.0 + round_, 0,
+                           _offset(round_, t, n_threads))
             key, command = parse(rec, settings, registry)
             state = threads.get(key) or threads.setdefault(key, ThreadState(key, ctx))
             state.on_command(rec, command)
             steps += 1
     elapsed = time.perf_counter() - started
+    if not all(s.journal is not None and s.journal.finished for s in threads.values()):
+        msg = "a thread did not finish: its records do not match its suspend ids"
+        raise AssertionError(msg)
     for state in threads.values():
         state.evict()
     return steps / elapsed
@@ -96,10 +110,10 @@ def bytes_per_suspended(workflow: str, n_threads: int) -> tuple[float, float]:
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
     threads = []
-    for key, values in plan:
+    for t, (key, values) in enumerate(plan):
         state = ThreadState(key, ctx)
-        for value in values[:2]:
-            rec = Incoming("workflow-resume", key, value, 1000.0)
+        for round_, value in enumerate(values[:2]):
+            rec = Incoming("workflow-resume", key, value, 1000.0, 0, _offset(round_, t, n_threads))
             state.on_command(rec, parse(rec, settings, registry)[1])
         threads.append(state)
     gc.collect()

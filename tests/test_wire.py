@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -335,3 +336,33 @@ def test_kwf_send_refuses_a_start_without_json_before_any_broker() -> None:
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "not sent: no-json" in done.stdout
+
+
+def test_the_engine_restores_a_format_1_snapshot_and_parks_its_thread(tmp_path: Path) -> None:
+    """The real dataflow, restarted on a recovery store holding a format-1 journal: the
+    builder does not fail (it would at every restart), the thread is parked with the reason,
+    and other threads run on."""
+    import pickle
+    import sqlite3
+    import time
+
+    from kwf.testing import run_flow
+    from workflows.trip_booking import trip as trip_workflow
+
+    now = time.time()
+    records: list[object] = [("workflow-resume", "golden-trip", "new:trip:{}", now)]
+    run_flow(records, workflows=[trip_workflow], recovery_dir=tmp_path,
+             epoch_interval=timedelta(0))
+    with sqlite3.connect(tmp_path / "part-0.sqlite3") as db:  # as an older kwf wrote it
+        changed = db.execute("UPDATE snaps SET ser_change = ? WHERE state_key = 'golden-trip' "
+                             "AND step_id = 'kwf.thread.stateful_batch' AND ser_change IS NOT NULL",
+                             (pickle.dumps(GOLDEN_V1.read_bytes()),)).rowcount
+    assert changed >= 1
+    records += [("workflow-resume", "golden-trip", '{"ref":"0:1"}', now),
+                ("workflow-resume", "other", "new:trip:{}", now)]
+    out = run_flow(records, workflows=[trip_workflow], recovery_dir=tmp_path,
+                   epoch_interval=timedelta(0))
+    (error,) = [r for r in out if r.topic == "workflow-error"]
+    assert (error.key, error.header("kwf-error-type")) == ("golden-trip", "JournalFormatError")
+    assert "journal format 1" in json.loads(str(error.value))
+    assert [r.value for r in out if r.topic == "saga-reserve-car"] == ["2:1"]  # "other", offset 2
