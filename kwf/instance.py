@@ -58,7 +58,7 @@ class Instance:
         self.replaying = replaying
         self.disposed = False
         self._n = 0
-        self._origin = journal.origin
+        self._origin = journal.origin  # the prefix of auto suspend ids in the current step
         self._out: list[Record] = []
         self._count = 0
         self._crc = 0
@@ -109,7 +109,6 @@ class Instance:
     def _step(self, event: Event | None) -> list[Record] | None:
         """One step, live or replayed: the start (``event`` None) or an event; None if stale."""
         if event is None:
-            self._origin = self.journal.origin
             self._begin(self.journal.started)
         elif not self._settle(event):
             return None

@@ -4,8 +4,8 @@
 same ``ThreadState``), on a virtual clock, and loops records written to ``workflow-resume``
 and ``workflow-scheduler`` back into itself, as Kafka would. It numbers the records it reads as
 Kafka would with one partition per topic: each topic's records take offsets 0, 1, 2, ... in the
-order they are read, so suspend ids (``<offset>:<n>``) are those the engine would make. ``run_flow`` runs the real Bytewax
-dataflow over a list of records.
+order they are read, so suspend ids (``<offset>:<n>``) are those the engine would make.
+``run_flow`` runs the real Bytewax dataflow over a list of records.
 """
 
 from __future__ import annotations

@@ -250,8 +250,8 @@ class ThreadState:
         j.status, j.result, j.refused = FAILED, dumps(reason), None
         j.expires = j.time + s.tombstone_retention_s
         status = dumps({"thread": self.key, "workflow": j.workflow, "status": FAILED,
-                             "step": j.step, "pending": [], "timers": [], "updated": j.time,
-                             "error": reason})
+                        "step": j.step, "pending": [], "timers": [], "updated": j.time,
+                        "error": reason})
         records = []
         for topic, value, extra in ((s.error_topic, j.result,
                                      (("kwf-error-type", error_type),)),

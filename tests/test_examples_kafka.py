@@ -170,8 +170,11 @@ def written(records: list[Record], settings: Settings) -> Counter[tuple[str, Any
                    if r.topic not in (settings.events_topic, settings.dlq_topic))
 
 
+Written = Counter[tuple[str, Any, Any]]
+
+
 def in_engine(workflow: Any, handlers: dict[str, Handler],
-              messages: list[tuple[str, str]]) -> tuple[Counter[tuple[str, Any, Any]], dict[str, int]]:
+              messages: list[tuple[str, str]]) -> tuple[Written, dict[str, int]]:
     """The same scenario in ``kwf.testing.Engine``, on virtual time, with the same handlers;
     and the offset of each thread's start there."""
     eng = Engine(workflows=[workflow])
@@ -186,7 +189,7 @@ def in_engine(workflow: Any, handlers: dict[str, Handler],
     return written(eng.outputs(), Settings()), starts
 
 
-def by_start(got: Counter[tuple[str, Any, Any]], starts: dict[str, int]) -> Counter[tuple[str, Any, Any]]:
+def by_start(got: Written, starts: dict[str, int]) -> Written:
     """``got`` with each thread's ids ``<its start's offset>:<n>`` written ``start:<n>``, to
     compare runs whose records sit at different offsets."""
     return Counter({(topic, key, value.replace(f"{starts[key]}:", "start:")

@@ -98,12 +98,14 @@ ECOMMERCE = [
     ("thread1", '{"value":{"type":"addToCart","item":{"quantity":10,"productId":"teapot"}}, '
                 '"ref":"main"}'),
     ("thread2", 'new:{"abandonedCartTimeoutMS":1000}'),
-    ("thread2", '{"value":{"type":"updateEmail","email":"vitaliy.akimov@gmail.com"}, "ref":"main"}'),
+    ("thread2", '{"value":{"type":"updateEmail","email":"vitaliy.akimov@gmail.com"}, '
+                '"ref":"main"}'),
     ("thread1", '{"value":{"type":"addToCart","item":{"quantity":11,"productId":"sigar"}}, '
                 '"ref":"main"}'),
     ("thread1", '{"value":{"type":"addToCart","item":{"quantity":20,"productId":"teapot"}}, '
                 '"ref":"main"}'),
-    ("thread1", '{"value":{"type":"updateEmail","email":"vitaliy.akimov@gmail.com"}, "ref":"main"}'),
+    ("thread1", '{"value":{"type":"updateEmail","email":"vitaliy.akimov@gmail.com"}, '
+                '"ref":"main"}'),
     ("thread1", '{"value":{"type":"removeFromCart", "item":{"quantity":11,"productId":"sigar"}}, '
                 '"ref":"main"}'),
     ("thread1", '{"value":{"type":"addToCart","item":{"quantity":2,"productId":"sugar"}}, '
@@ -122,9 +124,10 @@ def test_ecommerce_two_interleaved_carts() -> None:
                    '"productId":"sugar"}],"email":"vitaliy.akimov@gmail.com"}')]
     assert eng.outputs("workflow-error") == []
     # thread2's records sit at offsets 3 and 4: each step's timeout is <offset>:1
-    assert [(r.key, r.value) for r in eng.outputs("workflow-scheduler") if r.key.startswith("thread2")] == [
-        ('thread2|{"ref":"3:1"}', "1000"), ('thread2|{"ref":"3:1"}', "0"),
-        ('thread2|{"ref":"4:1"}', "1000")]
+    thread2 = [(r.key, r.value) for r in eng.outputs("workflow-scheduler")
+               if r.key.startswith("thread2")]
+    assert thread2 == [('thread2|{"ref":"3:1"}', "1000"), ('thread2|{"ref":"3:1"}', "0"),
+                       ('thread2|{"ref":"4:1"}', "1000")]
     thread1 = [r.key for r in eng.outputs("workflow-scheduler")
                if r.key.startswith("thread1") and r.value != "0"]
     assert thread1 == [f'thread1|{{"ref":"{n}:1"}}' for n in (0, 1, 2, 5, 6, 7, 8, 9)]
@@ -332,8 +335,8 @@ def test_kwf_send_refuses_a_start_without_json_before_any_broker() -> None:
     import sys
 
     env = {**os.environ, "KWF_BROKERS": "127.0.0.1:21099"}  # nothing listens: never reached
-    done = subprocess.run([sys.executable, "-m", "kwf.cli", "send", "t1", "init:approval:"], env=env,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-m", "kwf.cli", "send", "t1", "init:approval:"],
+                          env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert "not sent: no-json" in done.stdout
 
