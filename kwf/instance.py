@@ -11,12 +11,13 @@ a wrong state. It never talks to Kafka and never reads the wall clock.
 from __future__ import annotations
 
 import random
+import time as _time
 import zlib
 from typing import Any, Iterable
 
 import structlog
 
-from kwf import config
+from kwf import config, observe
 from kwf.api import Suspend
 from kwf.config import Settings
 from kwf.errors import NonDeterminismError, RemoteError
@@ -64,6 +65,7 @@ class Instance:
         self._crc = 0
         self._topics: list[str] = []
         self._result: str | None = None
+        self._error: tuple[str, str] | None = None  # a failure's message and traceback
         self._tasks_kept = 0
         self.main = self.loop.create_task(workflow.fn(_fresh(journal.arg)), name=journal.thread)
         _UNDISPOSED.add(self)
@@ -72,12 +74,15 @@ class Instance:
     @classmethod
     def start(cls, workflow: Workflow, journal: Journal, settings: Settings) -> tuple[Instance, list[Record]]:
         """Run a new thread's first step (``journal`` holds no events yet)."""
+        began = _time.perf_counter()
         inst = cls(workflow, journal, settings)
         try:
-            return inst, inst._step(None)  # type: ignore[return-value]  # a start always runs
+            records = inst._step(None)
         except BaseException:
             inst.dispose()
             raise
+        observe.stats.step(workflow.name, _time.perf_counter() - began)
+        return inst, records  # type: ignore[return-value]  # a start always runs
 
     @classmethod
     def rebuild(cls, workflow: Workflow, journal: Journal, settings: Settings) -> Instance:
@@ -86,6 +91,7 @@ class Instance:
         Raises ``NonDeterminismError`` (after disposing of the half-built instance) when a step
         does not reproduce what the journal recorded.
         """
+        began = _time.perf_counter()
         inst = cls(workflow, journal, settings, replaying=True)
         try:
             inst._step(None)
@@ -99,12 +105,17 @@ class Instance:
             inst.dispose()
             raise
         inst.replaying = False
+        observe.stats.replay(workflow.name, _time.perf_counter() - began, len(journal.events))
         return inst
 
     # -- applying --------------------------------------------------------------------------
     def apply(self, event: Event) -> list[Record] | None:
         """Apply one event live; None when nothing waits for it (stale: nothing changes)."""
-        return self._step(event)
+        began = _time.perf_counter()
+        records = self._step(event)
+        if records is not None:
+            observe.stats.step(self.workflow.name, _time.perf_counter() - began)
+        return records
 
     def _step(self, event: Event | None) -> list[Record] | None:
         """One step, live or replayed: the start (``event`` None) or an event; None if stale."""
@@ -161,7 +172,12 @@ class Instance:
             loop.tasks = [t for t in loop.tasks if not t.done()]
             self._tasks_kept = len(loop.tasks)
         timers = tuple(loop.timer_dues()) if self.status == RUNNING and loop._timers else ()
-        self._emit(self.settings.events_topic, self.thread_id, self._status_json(timers))
+        if self._error is None:
+            self._emit(self.settings.events_topic, self.thread_id, self._status_json(timers))
+        else:  # the traceback names this machine's files: outside the check, so replay agrees
+            status = self._status_json(timers, self._error[0])
+            self._emit(self.settings.events_topic, self.thread_id,
+                       self._status_json(timers, *self._error), checked=status)
         if not self.replaying:
             j = self.journal
             if event is not None:
@@ -201,12 +217,15 @@ class Instance:
             self._emit(self.settings.result_topic, self.thread_id, value)
             return
         self.status = FAILED
-        text = dumps(str(error)[:10_000])  # an error text must not be refused by Kafka
-        self._result = text
+        message = str(error)[:10_000]  # an error text must not be refused by Kafka
+        trace = observe.workflow_traceback(error)
+        self._result = text = dumps(message)
+        self._error = (message, trace)
         self._emit(self.settings.error_topic, self.thread_id, text,
-                   (("kwf-error-type", type(error).__qualname__),))
+                   (("kwf-error-type", type(error).__qualname__), ("kwf-traceback", trace)))
         log.info("workflow_failed", thread=self.thread_id, workflow=self.workflow.name,
-                 step=self.step, error=str(error), error_type=type(error).__qualname__)
+                 step=self.step, error=message, error_type=type(error).__qualname__,
+                 traceback=trace)
 
     # -- what workflow code calls ----------------------------------------------------------
     def suspend(self, id: str | None) -> Suspend:
@@ -261,10 +280,13 @@ class Instance:
         self._emit(topic, self.thread_id if key is None else key, value, extra)
 
     def _emit(self, topic: str, key: str, value: str | None,
-              extra: tuple[tuple[str, str], ...] = ()) -> None:
+              extra: tuple[tuple[str, str], ...] = (), checked: str | None = None) -> None:
+        """Output a record; the journal's check covers topic, key and value (or ``checked``,
+        the value without what may differ on replay), never headers."""
         self.seq += 1
         self._count += 1
-        self._crc = zlib.crc32(f"{topic}\0{key}\0{value!r}".encode(), self._crc)
+        text = value if checked is None else checked
+        self._crc = zlib.crc32(f"{topic}\0{key}\0{text!r}".encode(), self._crc)
         if self.replaying:
             self._topics.append(topic)
         else:
@@ -272,12 +294,18 @@ class Instance:
                                            seq=self.seq, step=self.step,
                                            time=self.loop.time(), extra=extra))
 
-    def _status_json(self, timers: tuple[float, ...]) -> str:
-        return dumps({
+    def _status_json(self, timers: tuple[float, ...], error: str | None = None,
+                     trace: str | None = None) -> str:
+        status = {
             "thread": self.thread_id, "workflow": self.workflow.name, "status": self.status,
             "step": self.step, "pending": list(self.pending) if self.status == RUNNING else [],
             "timers": list(timers), "updated": self.loop.time(),
-        }, flat=True)
+        }
+        if error is not None:
+            status["error"] = error
+        if trace is not None:
+            status["traceback"] = trace
+        return dumps(status, flat=True)
 
     # -- replay checks ---------------------------------------------------------------------
     def _verify(self, recorded: Check, what: str) -> None:

@@ -12,8 +12,9 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Mapping, Union
 
+from kwf import observe
 from kwf.registry import NAME, RESERVED, UnknownWorkflow
 
 if TYPE_CHECKING:
@@ -277,24 +278,44 @@ def parse_schedule(rec: Incoming, max_bytes: int) -> Schedule:
 
 
 DLQ_KEEP_BYTES = 65536
-"""What a dead letter keeps of a key or value too large to forward: Kafka would refuse the
-copy, and the engine would stop on it after every restart."""
+"""What a dead letter keeps of a key or value when the whole record would be refused."""
+
+KAFKA_MESSAGE_MAX_BYTES = 1_000_000
+"""librdkafka's default ``message.max.bytes``, the largest record a producer sends (below the
+broker's default limit of 1,048,588 bytes per batch)."""
+
+_RECORD_OVERHEAD = 512
+"""What librdkafka counts beyond key, value and header bytes (record framing), with room."""
+
+
+def message_max_bytes(conf: Mapping[str, Any]) -> int:
+    """The producer's ``message.max.bytes`` in librdkafka settings, or librdkafka's default."""
+    return int(conf.get("message.max.bytes", KAFKA_MESSAGE_MAX_BYTES))
 
 
 def dead_letter(rec: Incoming, dlq_topic: str, error: str,
-                max_bytes: int = 1_000_000) -> Record:
+                max_bytes: int = KAFKA_MESSAGE_MAX_BYTES) -> Record:
     """The record unchanged, to the dead-letter topic, with what is wrong and where it came from.
 
-    A key over ``MAX_KEY_BYTES`` or a value over ``max_bytes`` is cut to ``DLQ_KEEP_BYTES``,
-    and the header ``kwf-truncated`` gives the original sizes.
+    The record is kept whole whenever Kafka can take it: only when its key, value and headers
+    together are over ``max_bytes`` (the producer's ``message.max.bytes``, which
+    ``message_max_bytes`` reads; a write over it would be refused and the engine would stop on
+    it after every restart) are key and value cut to ``DLQ_KEEP_BYTES`` each, and the header
+    ``kwf-truncated`` gives the original sizes.
     """
     key, value = rec.key, rec.value
     headers: Headers = (("kwf-error", error), ("kwf-source", rec.source))
     key_size, value_size = _size(key), _size(value)
-    if key_size > MAX_KEY_BYTES or value_size > max_bytes:
+    size = key_size + value_size + sum(_size(n) + _size(v) for n, v in headers)
+    if size + _RECORD_OVERHEAD > max_bytes:
         key, value = _cut(key), _cut(value)
         headers += (("kwf-truncated", f"key {key_size} bytes, value {value_size} bytes"),)
+    code = error.partition(":")[0]
+    observe.stats.dead_letter(code if _CODE.fullmatch(code) else "other")
     return Record(dlq_topic, key, value, headers, rec.timestamp)
+
+
+_CODE = re.compile(r"[a-z][a-z0-9-]{0,31}")
 
 
 def _size(data: str | bytes | None) -> int:

@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable, TypeVar, cast, overload
 
+from kwf.observe import where
+
 NAME = r"[A-Za-z_][A-Za-z0-9_.-]*"
 """A workflow name, as ``new:<name>:<json>`` carries it."""
 RESERVED = frozenset({"true", "false", "null"})
@@ -110,12 +112,28 @@ def load_modules(names: Iterable[str]) -> None:
 
     Importing is what registers workflows and declares output topics, so the engine and
     ``kwf topics create`` call this with ``Settings.workflows``.
+    Raises ``WorkflowImportError`` naming the module, the file and line where its import
+    failed, and the exception (chained, with the traceback of the module's frames).
     """
     for name in names:
-        module = importlib.import_module(name)
+        module = _import(name)
         for info in pkgutil.iter_modules(getattr(module, "__path__", [])):
             if not info.name.startswith("_"):
-                importlib.import_module(f"{name}.{info.name}")
+                _import(f"{name}.{info.name}")
+
+
+class WorkflowImportError(ImportError):
+    """A workflow module failed to import; the message names the file and line."""
+
+
+def _import(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except Exception as e:  # noqa: BLE001 - any error of user code at import
+        at = where(e)
+        msg = (f"cannot import workflow module {name!r}: {type(e).__name__}: {e}"
+               f"{f' (at {at})' if at else ''}")
+        raise WorkflowImportError(msg, name=name) from e
 
 
 class UnknownWorkflow(LookupError):

@@ -156,6 +156,20 @@ class Engine:
         msg = f"thread {key!r} has no result; its status is {self.status(key)}"
         raise LookupError(msg)
 
+    def error(self, key: str) -> str | None:
+        """Why the thread failed, as Python prints it: the traceback of the workflow's frames
+        (kwf's own left out) ending with the exception; None unless its latest status is
+        ``failed``. The same text is the ``kwf-traceback`` header of its ``workflow-error``
+        record and the ``traceback`` of its status record.
+        """
+        status = self.status(key)
+        if status is None or status.get("status") != "failed":
+            return None
+        for rec in reversed(self._outputs):
+            if rec.topic == self.settings.error_topic and rec.key == key:
+                return rec.header("kwf-traceback") or f"{rec.header('kwf-error-type')}: {rec.json()}"
+        return None
+
     def journal(self, key: str) -> Journal | None:
         """The thread's durable state, as a snapshot would hold it."""
         state = self.threads.get(key)
@@ -204,8 +218,7 @@ class Engine:
             try:
                 key, command = parse(rec, self.settings, self.registry)
             except ProtocolError as e:
-                self._collect([dead_letter(rec, self.settings.dlq_topic, str(e),
-                                           self.settings.max_payload_bytes)])
+                self._collect([dead_letter(rec, self.settings.dlq_topic, str(e))])
                 continue
             if isinstance(command, Schedule):
                 state = self.schedules.setdefault(key, ScheduleState(key))

@@ -10,16 +10,18 @@ rule is written once.
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import structlog
 
+from kwf import observe
 from kwf.config import Settings
 from kwf.errors import NonDeterminismError
 from kwf.instance import Instance
 from kwf.journal import CANCEL, ERROR, FAILED, RESUME, TIMER, Event, Journal, decode, encode
-from kwf.protocol import (Command, Incoming, Record, Resume, Schedule, Start,
+from kwf.protocol import (Cancel, Command, Incoming, Record, Resume, Schedule, Start,
                           dead_letter, dumps, output_record)
 from kwf.registry import Registry, UnknownWorkflow
 
@@ -52,16 +54,27 @@ class LiveCache:
         return len(self._lru)
 
 
-@dataclass
+CONTEXTS: weakref.WeakSet[Context] = weakref.WeakSet()
+"""Every ``Context`` alive in this process (one per worker): what metrics count threads in."""
+
+
+@dataclass(eq=False)
 class Context:
-    """What every thread of one engine shares: the workflows, the settings, the live cache."""
+    """What every thread of one engine shares: the workflows, the settings, the live cache.
+
+    ``journals`` counts the threads holding a journal (tombstones included) and
+    ``tombstones`` the finished ones, for the metrics: live, journal-only, tombstone.
+    """
 
     registry: Registry
     settings: Settings
     cache: LiveCache = field(init=False)
+    journals: int = field(init=False, default=0)
+    tombstones: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self.cache = LiveCache(self.settings.max_live)
+        CONTEXTS.add(self)
 
 
 class ThreadState:
@@ -83,11 +96,17 @@ class ThreadState:
         as failed at once (``wakeup``), saying why and what to do.
         """
         journal = decode(data)
+        ctx.journals += 1
+        ctx.tombstones += journal.finished
         return cls(journal.thread, ctx, journal)
 
     def snapshot(self) -> bytes | None:
         """The journal as bytes, or None once the thread's state may be discarded."""
-        return encode(self.journal) if self.journal is not None else None
+        if self.journal is None:
+            return None
+        data = encode(self.journal)
+        observe.stats.journal(len(data))
+        return data
 
     def wakeup(self) -> float | None:
         """When ``on_timer`` should next run: a durable timer, or the tombstone's expiry."""
@@ -102,6 +121,7 @@ class ThreadState:
     def on_command(self, rec: Incoming, cmd: Command) -> list[Record]:
         """Apply a parsed ``workflow-resume`` record; never raises for a workflow's sake."""
         out: list[Record] = []  # filled as steps commit, so an error later loses none of them
+        observe.stats.record(_kind(cmd), rec.timestamp)
         try:
             self._on_command(rec, cmd, out)
         except Exception as e:  # a bug of ours: keep the journal, drop the live object
@@ -164,6 +184,8 @@ class ThreadState:
         if j.finished:
             if j.expires is not None and j.expires <= now:
                 self.journal = None
+                self.ctx.journals -= 1
+                self.ctx.tombstones -= 1
                 # A null value deletes the thread from the compacted events topic.
                 return [output_record(self.ctx.settings.events_topic, self.key, None,
                                       thread=self.key, seq=j.seq + 1, step=j.step, time=now)]
@@ -195,6 +217,9 @@ class ThreadState:
         if old is not None and not old.finished:
             log.info("thread_replaced", thread=self.key, old_workflow=old.workflow,
                      new_workflow=workflow.name)
+        self.ctx.journals += old is None
+        self.ctx.tombstones -= old is not None and old.finished
+        observe.stats.thread_started(workflow.name)
         self.evict()
         self.journal, self.instance, self._blocked = journal, instance, False
         self._stepped()
@@ -213,6 +238,7 @@ class ThreadState:
             if records is None:  # cannot happen while the journal lists a due timer
                 msg = f"thread {self.key!r}: journal lists a timer at {due} the code does not have"
                 raise RuntimeError(msg)
+            observe.stats.timer_fired(due)
             out += records
             self._stepped()
 
@@ -246,6 +272,8 @@ class ThreadState:
         assert j is not None
         log.error("thread_parked", thread=self.key, workflow=j.workflow, reason=reason,
                   error_type=error_type)
+        observe.stats.thread_ended(j.workflow, "parked")
+        self.ctx.tombstones += 1
         s = self.ctx.settings
         j.status, j.result, j.refused = FAILED, dumps(reason), None
         j.expires = j.time + s.tombstone_retention_s
@@ -270,6 +298,8 @@ class ThreadState:
             self.instance = None
             self.ctx.cache.forget(self)
             j.to_tombstone(self.ctx.settings.tombstone_retention_s)
+            self.ctx.tombstones += 1
+            observe.stats.thread_ended(j.workflow, j.status)
 
     def _bound(self) -> None:
         """After a record or timer: a live instance counts against the live-instance budget.
@@ -286,6 +316,15 @@ class ThreadState:
             self.instance.dispose()
             self.instance = None
         self.ctx.cache.forget(self)
+
+
+def _kind(cmd: Command) -> str:
+    """A record's kind, for the metrics: new, init, resume, error or cancel."""
+    if isinstance(cmd, Start):
+        return "init" if cmd.only_if_new else "new"
+    if isinstance(cmd, Resume):
+        return "error" if cmd.is_error else "resume"
+    return "cancel" if isinstance(cmd, Cancel) else "other"
 
 
 class _Unavailable(Exception):
@@ -305,6 +344,7 @@ class ScheduleState:
         self.entries = entries or {}
 
     def on_schedule(self, schedule: Schedule) -> None:
+        observe.stats.record("schedule", None)
         if schedule.due is None:
             self.entries.pop(schedule.value, None)
         else:

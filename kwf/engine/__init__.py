@@ -19,13 +19,16 @@ def engine_flow() -> Any:
     """The engine's dataflow from ``KWF_*``, or ``SystemExit`` saying why it cannot start."""
     import structlog
 
+    from kwf.engine import logs
     from kwf.engine.admin import KafkaSetupError
 
+    logs.capture_stderr()  # every line of the engine's stderr is a log event from here on
     try:
         return from_env()
     except (KafkaSetupError, StartupError) as e:
-        structlog.get_logger("kwf.engine").error("engine_not_started", reason=str(e))
-        raise SystemExit(f"kwf engine not started: {e}") from None
+        structlog.get_logger("kwf.engine").error("engine_not_started", reason=str(e),
+                                                 message=f"kwf engine not started: {e}")
+        raise SystemExit(1) from None
 
 
 def __getattr__(name: str) -> Any:

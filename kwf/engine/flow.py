@@ -12,7 +12,6 @@ format: renaming one silently drops its state.
 from __future__ import annotations
 
 import gc
-import sys
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -29,6 +28,7 @@ from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE
 from typing_extensions import override
 
 from kwf.config import ENGINE_GC_THRESHOLDS, Settings
+from kwf.engine import logs
 from kwf.protocol import (
     Command,
     Incoming,
@@ -36,6 +36,7 @@ from kwf.protocol import (
     Record,
     Schedule,
     dead_letter,
+    message_max_bytes,
     parse,
 )
 from kwf.registry import Registry, Workflow, WorkflowFn
@@ -233,15 +234,17 @@ class _ScheduleLogic(op.StatefulLogic[_Item, Record, tuple[str, dict[str, float]
 
 
 def _parser(settings: Settings, registry: Registry) -> Any:
+    limit = message_max_bytes(settings.kafka_config())  # what the dead-letter write may carry
+
     def parse_one(rec: Incoming) -> _Parsed:
         try:
             key, what = parse(rec, settings, registry)
         except ProtocolError as e:
-            return dead_letter(rec, settings.dlq_topic, str(e), settings.max_payload_bytes)
+            return dead_letter(rec, settings.dlq_topic, str(e), limit)
         except Exception as e:  # a bug of ours: dead-letter the record rather than crash-loop
             log.exception("internal_error", during="parse", source=rec.source)
             return dead_letter(rec, settings.dlq_topic, f"internal: {type(e).__name__}: {e}",
-                               settings.max_payload_bytes)
+                               limit)
         return _Item(key, rec, what)
 
     return parse_one
@@ -258,7 +261,8 @@ def kafka_sources(settings: Settings) -> dict[str, Source[Any]]:
     brokers = [b.strip() for b in settings.brokers.split(",") if b.strip()]
     return {
         step: KafkaSource(brokers, [topic], tail=True, starting_offset=OFFSET_BEGINNING,
-                          add_config=settings.kafka_config(), batch_size=settings.batch_size)
+                          add_config=logs.kafka_client_config(settings),
+                          batch_size=settings.batch_size)
         for step, topic in ((STEP_RESUME_IN, settings.resume_topic),
                             (STEP_SCHEDULER_IN, settings.scheduler_topic))
     }
@@ -301,19 +305,19 @@ def build_flow(settings: Settings, registry: Registry | None = None, *,
     if sink is None:
         from kwf.engine.sink import KafkaRecordSink
 
-        sink = KafkaRecordSink(settings.kafka_config())
+        sink = KafkaRecordSink(logs.kafka_client_config(settings))
     op.output(STEP_OUT, outputs, sink)
     return flow
 
 
 def _configure_process() -> None:
-    """What the engine process needs and a library must not impose: JSON logs on stderr (one
-    event per line, for collectors) and GC thresholds for many long-lived objects."""
+    """What the engine process needs and a library must not impose: one log format on stderr
+    (``kwf.engine.logs``) and GC thresholds for many long-lived objects."""
     gc.set_threshold(*ENGINE_GC_THRESHOLDS)
-    structlog.configure(
-        processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper("iso"),
-                    structlog.processors.format_exc_info, structlog.processors.JSONRenderer()],
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    try:
+        logs.configure()
+    except ValueError as e:
+        raise StartupError(str(e)) from None
 
 
 class StartupError(RuntimeError):
@@ -341,9 +345,9 @@ def from_env() -> Dataflow:
     try:
         load_modules(settings.workflows)
     except Exception as e:  # noqa: BLE001 - any failure of user code at import
-        msg = (f"cannot import the workflow modules KWF_WORKFLOWS={','.join(settings.workflows)} "
-               f"({type(e).__name__}: {e}); name importable modules, check PYTHONPATH, and "
-               "run one with python -c 'import <module>' to see its error")
+        msg = (f"{e} (KWF_WORKFLOWS={','.join(settings.workflows)}); name importable modules, "
+               "check PYTHONPATH, and run one with python -c 'import <module>' for the whole "
+               "traceback")
         raise StartupError(msg) from e
     try:
         registry = Registry(None, settings.default_workflow)
@@ -354,7 +358,7 @@ def from_env() -> Dataflow:
                "decorate them with @kwf.workflow")
         raise StartupError(msg)
     topics = required_topics(settings)
-    check_brokers(settings.kafka_config(), topics, timeout=CHECK_TIMEOUT_S)
+    check_brokers(logs.kafka_client_config(settings), topics, timeout=CHECK_TIMEOUT_S)
     log.info("engine_starting", brokers=settings.brokers, workflows=sorted(registry.workflows),
              default=registry.default, topics=topics, batch_size=settings.batch_size,
              max_live=settings.max_live)
