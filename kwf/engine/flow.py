@@ -28,7 +28,7 @@ from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE
 from typing_extensions import override
 
 from kwf.config import ENGINE_GC_THRESHOLDS, Settings
-from kwf.engine import logs
+from kwf.engine import logs, metrics
 from kwf.protocol import (
     Command,
     Incoming,
@@ -312,8 +312,10 @@ def build_flow(settings: Settings, registry: Registry | None = None, *,
 
 def _configure_process() -> None:
     """What the engine process needs and a library must not impose: one log format on stderr
-    (``kwf.engine.logs``) and GC thresholds for many long-lived objects."""
+    (``kwf.engine.logs``), kwf's metrics (``kwf.engine.metrics``), and GC thresholds for many
+    long-lived objects."""
     gc.set_threshold(*ENGINE_GC_THRESHOLDS)
+    metrics.install()  # served by Bytewax's API server: BYTEWAX_DATAFLOW_API_ENABLED=true
     try:
         logs.configure()
     except ValueError as e:

@@ -20,6 +20,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from typing_extensions import override
 
+from kwf.engine import metrics
 from kwf.protocol import Record
 
 log = structlog.get_logger("kwf.sink")
@@ -105,6 +106,7 @@ class _Partition(StatelessSinkPartition[Record]):
                    "records are produced again (consumers drop duplicates by kwf-thread/kwf-seq)")
             log.error("kafka_delivery_failed", worker=self._worker, failed=len(failures),
                       batch=len(items), first=failures[0])
+            metrics.delivery_failed(len(failures))
             raise DeliveryError(msg)
 
     @override
