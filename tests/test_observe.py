@@ -249,6 +249,18 @@ def test_librdkafka_messages_are_rate_limited_per_client_and_facility() -> None:
     assert throttle.allow(("c1", "FAIL"), now=11) == 3  # the next one says how many were held
 
 
+def test_kafka_client_errors_are_rate_limited_per_code(engine_logs: io.StringIO) -> None:
+    from confluent_kafka import KafkaError
+
+    logs.configure(engine_logs)
+    logs._CLIENT_ERRORS._windows.clear()
+    for _ in range(50):
+        logs.kafka_client_error(KafkaError(KafkaError._TRANSPORT, "Connection refused"))
+    events = [json.loads(line) for line in engine_logs.getvalue().splitlines()]
+    assert len(events) == logs.KAFKA_LOG_BURST
+    assert events[0]["event"] == "kafka_client_error" and events[0]["code"] == "_TRANSPORT"
+
+
 def test_a_stop_by_signal_is_one_line_without_traceback(engine_logs: io.StringIO) -> None:
     logs.configure(engine_logs)
     with pytest.raises(KeyboardInterrupt):

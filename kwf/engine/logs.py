@@ -230,7 +230,7 @@ class _KafkaHandler(logging.Handler):
                 facility, client, text = (str(a) for a in args)
             else:
                 facility, client, text = "", "", record.getMessage()
-            held = self.throttle.allow((client, facility, record.levelno))
+            held = self.throttle.allow((client, facility))
             if held is None:
                 return
             fields: dict[str, Any] = {"facility": facility, "client": client, "message": text}
@@ -249,19 +249,36 @@ KAFKA_LOGGER.setLevel(logging.DEBUG)
 KAFKA_LOGGER.addHandler(_KafkaHandler())
 
 
+_CLIENT_ERRORS = _Throttle(KAFKA_LOG_INTERVAL_S, KAFKA_LOG_BURST)
+
+
+def kafka_client_error(err: Any) -> None:
+    """librdkafka's client-level errors (``error_cb``: brokers down, DNS, TLS, auth...) as
+    ``kafka_client_error`` events, throttled per error code like ``KAFKA_LOGGER``. They are
+    retried by librdkafka; a record is lost only if its own delivery fails, which the sink's
+    delivery callback reports."""
+    held = _CLIENT_ERRORS.allow(err.code())
+    if held is None:
+        return
+    log.warning("kafka_client_error", error=err.str(), code=err.name(), fatal=err.fatal(),
+                **({"suppressed": held} if held else {}))
+
+
 def kafka_client_config(settings: Settings) -> dict[str, Any]:
     """The librdkafka settings of EVERY Kafka client the engine creates; use nothing else.
 
     Consumers, producers and admin clients alike: ``Settings.kafka_config()`` (the brokers,
     the properties file with TLS/SASL settings) plus ``logger``, which makes confluent-kafka
     hand librdkafka's messages to ``KAFKA_LOGGER`` (served by the client's ``poll``/``consume``
-    calls) instead of letting librdkafka print its own lines on stderr. Those messages become
-    ``kafka_client_log`` events, at most ``KAFKA_LOG_BURST`` per client and facility every
-    ``KAFKA_LOG_INTERVAL_S`` seconds, the next one counting the ``suppressed``. A client
-    built from another dict prints non-JSON lines (caught by ``capture_stderr`` at best).
-    The values are strings except ``logger``; callers add their own settings on top.
+    calls) instead of letting librdkafka print its own lines on stderr, and ``error_cb``
+    (``kafka_client_error``). Those messages become ``kafka_client_log`` events, at most
+    ``KAFKA_LOG_BURST`` per client and facility every ``KAFKA_LOG_INTERVAL_S`` seconds, the
+    next one counting the ``suppressed``; errors likewise per error code. A client built
+    from another dict prints non-JSON lines (caught by ``capture_stderr`` at best), and one
+    that sets its own ``error_cb`` must throttle it. The values are strings except
+    ``logger`` and ``error_cb``; callers add their own settings on top.
     """
-    return {**settings.kafka_config(), "logger": KAFKA_LOGGER}
+    return {**settings.kafka_config(), "logger": KAFKA_LOGGER, "error_cb": kafka_client_error}
 
 
 def _route_stdlib(level: int) -> None:

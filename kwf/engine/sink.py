@@ -56,12 +56,10 @@ class _Partition(StatelessSinkPartition[Record]):
     def __init__(self, config: Mapping[str, str], worker: int) -> None:
         self._worker = worker
         self._failures: list[str] = []
-        self._producer = Producer({**PRODUCER_DEFAULTS, **config, "error_cb": self._on_error})
-
-    def _on_error(self, err: KafkaError) -> None:
-        # Client-level errors (brokers down...) are retried by librdkafka; a record is lost only
+        # Client-level errors (brokers down...) go to the config's error_cb
+        # (kwf.engine.logs.kafka_client_config): librdkafka retries them; a record is lost only
         # when its own delivery fails, which the delivery callback reports.
-        log.warning("kafka_client_error", worker=self._worker, error=err.str(), fatal=err.fatal())
+        self._producer = Producer({**PRODUCER_DEFAULTS, **config})
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
