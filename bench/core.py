@@ -130,10 +130,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2000)
     parser.add_argument("--gc", choices=["default", "engine"], default="engine",
                         help="'engine': the GC thresholds the dataflow sets (ENGINE_GC_THRESHOLDS)")
+    parser.add_argument("--metrics", action="store_true",
+                        help="count into kwf's Prometheus metrics, as the engine does")
     args = parser.parse_args()
+    if args.metrics:
+        from kwf.engine import metrics
+
+        metrics.install()
     if args.gc == "engine":
         gc.set_threshold(*ENGINE_GC_THRESHOLDS)
-    print(f"gc thresholds {gc.get_threshold()}, {args.threads} threads interleaved")
+    print(f"gc thresholds {gc.get_threshold()}, {args.threads} threads interleaved, "
+          f"metrics {'on' if args.metrics else 'off'}")
     for workflow in ("bench-saga", "bench-seq"):
         live = steps_per_second(workflow, args.threads, max_live=args.threads)
         replay = steps_per_second(workflow, max(args.threads // 10, 50), max_live=0)
