@@ -177,6 +177,43 @@ def test_the_core_counts_threads_records_steps_replays_and_dead_letters(
     assert c["dead", "unknown-thread"] == 1 and c["dead", "bad-form"] == 1
 
 
+def test_the_engine_metrics_count_what_the_core_reports(eng: Engine) -> None:
+    from prometheus_client import REGISTRY
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from kwf.engine import metrics
+
+    def samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        from prometheus_client import generate_latest
+
+        text = generate_latest(REGISTRY).decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    previous = observe.install(metrics.PrometheusStats())
+    try:
+        before = samples()
+        for i in range(5):
+            eng.send(f"m{i}", 'new:{"a": 1}', timestamp=100.0)
+        eng.send("m0", '{"ref": "go", "value": 1}')
+        after = samples()
+    finally:
+        observe.install(previous)
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert grew("kwf_threads_started_total", workflow="obs-fails") == 5
+    assert grew("kwf_threads_ended_total", workflow="obs-fails", status="failed") == 1
+    assert grew("kwf_records_total", kind="new") == 5 and grew("kwf_records_total", kind="resume") == 1
+    assert grew("kwf_step_seconds_count", workflow="obs-fails") == 6
+    assert grew("kwf_step_seconds_bucket", workflow="obs-fails", le="+Inf") == 6
+    assert grew("kwf_input_lag_seconds_count") == 6
+    assert grew("kwf_input_lag_seconds_bucket", le="3600.0") == 0  # stamped at 100 s: decades old
+    assert after[("kwf_threads", (("state", "live"),))] >= 4
+
+
 # -- dead letters -----------------------------------------------------------------------------------
 
 def test_a_dead_letter_is_whole_whenever_kafka_can_take_it(eng: Engine) -> None:
