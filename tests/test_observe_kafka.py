@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 import urllib.request
 from collections import Counter
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_flow_kafka import Engine, World
+from test_flow_kafka import REPO, Engine, World
 
 from kwf.kafka import LocalBroker
 
@@ -163,3 +165,34 @@ def test_a_running_engine_serves_kwf_metrics_a_traceback_header_and_whole_dead_l
     assert metrics['kwf_threads{state="tombstone"}'] == n + 1
     assert metrics["kwf_input_lag_seconds_count"] == 3 * n + 1
     assert any(name.startswith("bytewax_item_inp_count_total") for name in metrics)  # Bytewax's
+
+
+CLUSTER = "127.0.0.1:23120;127.0.0.1:23121"
+"""Timely's addresses for the two-process cluster test."""
+
+
+def test_a_lost_cluster_peer_is_logged_as_what_it_is(
+        kafka_brokers: str, unique: Callable[[str], str], tmp_path: Path,
+        engines: list[Engine]) -> None:
+    world = World(kafka_brokers, unique("obs"), tmp_path)
+    world.create_topics()
+    for process in (0, 1):
+        engine = Engine(world.env, None, tmp_path / f"process-{process}.log")
+        with engine.log.open("ab") as out:
+            engine.proc = subprocess.Popen(
+                [sys.executable, "-m", "bytewax.run", "dataflow", "-a", CLUSTER,
+                 "-i", str(process)], cwd=REPO, env=world.env, stdout=out,
+                stderr=subprocess.STDOUT, start_new_session=True)
+        engines.append(engine)
+    survivor, lost = engines
+    try:
+        world.send("trip-1", 'new:ftrip:{"rest": 0}')
+        world.pump(lambda: len(world.results()) == 1, 90, survivor)
+    finally:
+        world.close()
+    lost.kill()
+    survivor.wait(30)
+    events = lines(survivor)
+    [peer] = [e for e in events if e["event"] == "cluster_peer_lost"]
+    assert peer["level"] == "error" and "restart them all" in peer["what_to_do"]
+    assert not [e for e in events if e["event"] in ("engine_crashed", "stderr", "rust_panic")]
