@@ -388,7 +388,7 @@ class _StderrReader:
             self.panic = {"thread": match["thread"], "at": match["where"], "text": []}
             return
         if self.panic is not None:
-            if text.startswith("note: run with") or not text.strip():
+            if text.startswith("note: ") or not text.strip():
                 self._flush_panic()
             else:
                 self.panic["text"].append(text)
