@@ -86,7 +86,8 @@ class Stats:
         """A thread started (``new:``/``init:``, or a replacement)."""
 
     def thread_ended(self, workflow: str, status: str) -> None:
-        """A thread ended: completed, failed, cancelled, or parked (its replay diverged)."""
+        """A thread ended: completed, failed, cancelled, parked (its replay diverged), or
+        replaced (by a ``new:`` with its id while it ran)."""
 
     def record(self, kind: str, timestamp: float | None) -> None:
         """A record was applied: kind new, init, resume, error, cancel or schedule;

@@ -217,6 +217,7 @@ class ThreadState:
         if old is not None and not old.finished:
             log.info("thread_replaced", thread=self.key, old_workflow=old.workflow,
                      new_workflow=workflow.name)
+            observe.stats.thread_ended(old.workflow, "replaced")
         self.ctx.journals += old is None
         self.ctx.tombstones -= old is not None and old.finished
         observe.stats.thread_started(workflow.name)

@@ -168,11 +168,12 @@ def test_the_core_counts_threads_records_steps_replays_and_dead_letters(
     eng.send("t1", "cancel:")
     eng.send("nobody", '{"ref": "x"}')
     eng.send("t2", "garbage")
+    eng.send("t2", 'new:{"a": 2}')  # replaces the running t2
     c = recording.calls
-    assert c["started", "obs-fails"] == 3
+    assert c["started", "obs-fails"] == 4 and c["ended", "obs-fails", "replaced"] == 1
     assert c["ended", "obs-fails", "failed"] == 1 and c["ended", "obs-fails", "cancelled"] == 1
-    assert c["record", "new"] == 3 and c["record", "resume"] == 2 and c["record", "cancel"] == 1
-    assert c["step", "obs-fails"] == 5  # three starts, one resume, one cancel
+    assert c["record", "new"] == 4 and c["record", "resume"] == 2 and c["record", "cancel"] == 1
+    assert c["step", "obs-fails"] == 6  # four starts, one resume, one cancel
     assert c["replay", "obs-fails"] == 2 and c["replayed", "obs-fails"] == 0
     assert c["dead", "unknown-thread"] == 1 and c["dead", "bad-form"] == 1
 

@@ -93,7 +93,8 @@ class _Tally(Collector):
 THREADS_STARTED = Counter("kwf_threads_started", "Threads started (new:, init:, replacements)",
                           ["workflow"])
 THREADS_ENDED = Counter("kwf_threads_ended", "Threads ended, by status: completed, failed, "
-                        "cancelled, or parked (replay diverged)", ["workflow", "status"])
+                        "cancelled, parked (replay diverged), replaced (by a new: while running)",
+                        ["workflow", "status"])
 RECORDS = _Tally("kwf_records", "Input records applied, by kind: new, init, resume, error, "
                  "cancel, schedule", "kind")
 STEP_SECONDS = _Tally("kwf_step_seconds", "Duration of a live step (a start or an event)",
