@@ -112,6 +112,7 @@ def load_modules(names: Iterable[str]) -> None:
 
     Importing is what registers workflows and declares output topics, so the engine and
     ``kwf topics create`` call this with ``Settings.workflows``.
+
     Raises ``WorkflowImportError`` naming the module, the file and line where its import
     failed, and the exception (chained, with the traceback of the module's frames).
     """
