@@ -36,7 +36,9 @@ class Settings:
     """
 
     brokers: str = "127.0.0.1:9092"
-    workflows: tuple[str, ...] = ("workflows",)
+    workflows: tuple[str, ...] = ()
+    """Modules that register the workflows served; required by the engine (no default, so a
+    forgotten setting never serves something else). ``kwf up`` and the demo name the examples."""
     default_workflow: str | None = None
     resume_topic: str = "workflow-resume"
     scheduler_topic: str = "workflow-scheduler"
@@ -55,7 +57,13 @@ class Settings:
     kafka_properties: Path | None = None
     partitions: int = 3
     replication: int = 1
+    recovery_partitions: int = 0
+    """Recovery partitions the engine creates when its cluster has none (``kwf run``, the pods);
+    fixed at the first start. 0: create them beforehand with ``python -m bytewax.recovery``."""
+    cluster_timeout_s: float = 120.0
+    """How long a process waits for its peers' startup check before it gives up (and restarts)."""
     extra: Mapping[str, str] = field(default_factory=dict)
+    """librdkafka settings from ``KWF_KAFKA_<SETTING>`` variables (see ``kafka_env``)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -81,18 +89,27 @@ class Settings:
                 values[f.name] = float(raw)
             else:
                 values[f.name] = raw
+        values["extra"] = kafka_env(env)
         return cls(**values)  # type: ignore[arg-type]
 
     def kafka_config(self) -> dict[str, str]:
-        """librdkafka settings: ``bootstrap.servers`` plus the optional properties file.
+        """librdkafka settings: ``bootstrap.servers``, the optional properties file, then the
+        ``KWF_KAFKA_<SETTING>`` variables (which win: a Kubernetes Secret maps onto them).
 
-        The file (Java properties syntax, as the seed's second argument) is how TLS and SASL
-        settings reach every client the engine creates.
+        Raises ``ValueError`` naming the variable when a file librdkafka would open is missing
+        (a CA, a key, a keystore), instead of librdkafka's error from deep inside a client.
         """
         conf = {"bootstrap.servers": self.brokers}
         if self.kafka_properties is not None:
             conf.update(read_properties(self.kafka_properties))
         conf.update(self.extra)
+        for key, value in conf.items():
+            if key.endswith(".location") and value and not Path(value).exists():
+                origin = (f"KWF_KAFKA_{key.upper().replace('.', '_')}" if key in self.extra
+                          else f"{key} in {self.kafka_properties}")
+                msg = (f"{origin}={value}: no such file; mount it (a Secret volume in Kubernetes) "
+                       "or fix the path")
+                raise ValueError(msg)
         return conf
 
     @property
@@ -106,6 +123,26 @@ class Settings:
             self.events_topic,
             self.dlq_topic,
         )
+
+
+KAFKA_ENV_PREFIX = "KWF_KAFKA_"
+_NOT_KAFKA = {"KWF_KAFKA_PROPERTIES", "KWF_KAFKA_HOME", "KWF_KAFKA_CACHE"}
+"""``KWF_KAFKA_*`` variables that are kwf's own (the properties file; the local broker's home and cache)."""
+
+
+def kafka_env(env: Mapping[str, str]) -> dict[str, str]:
+    """librdkafka settings from ``KWF_KAFKA_<SETTING>``: lower case, ``_`` becomes ``.``.
+
+    ``KWF_KAFKA_SASL_PASSWORD`` -> ``sasl.password``, ``KWF_KAFKA_SECURITY_PROTOCOL`` ->
+    ``security.protocol``, ``KWF_KAFKA_SSL_CA_LOCATION`` -> ``ssl.ca.location``. librdkafka's
+    setting names have no underscores, so the mapping is one to one.
+
+    >>> kafka_env({"KWF_KAFKA_SASL_MECHANISM": "PLAIN", "KWF_KAFKA_PROPERTIES": "x", "HOME": "/"})
+    {'sasl.mechanism': 'PLAIN'}
+    """
+    return {name[len(KAFKA_ENV_PREFIX):].lower().replace("_", "."): value
+            for name, value in sorted(env.items())
+            if name.startswith(KAFKA_ENV_PREFIX) and name not in _NOT_KAFKA and value != ""}
 
 
 def read_properties(path: Path) -> dict[str, str]:

@@ -8,7 +8,7 @@ topics, and ends with a summary: outcomes per workflow, throughput and latency p
 
 The library part (``run_demo``, the ``render_*`` functions) logs and returns data; only the
 command's handler at the bottom prints. The engine itself is not started here: run the
-dataflow (``python -m bytewax.run dataflow``) first; a demo that sees no progress says so.
+engine (``kwf run``) first; a demo that sees no progress says so.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import structlog
@@ -356,8 +358,32 @@ def add_demo_arguments(demo: argparse.ArgumentParser, n: int) -> None:
     demo.add_argument("--timeout", type=float, default=300.0, help="give up after (s)")
 
 
+EXAMPLES = Path(__file__).resolve().parents[2] / "workflows"
+"""The example workflows of a kwf checkout (they are not installed with kwf)."""
+
+
+def use_examples() -> None:
+    """Serve and drive the checkout's examples: ``KWF_WORKFLOWS=workflows`` unless set, and the
+    checkout importable (here and in the engine subprocess); ``KafkaSetupError`` outside one."""
+    from kwf.engine.admin import KafkaSetupError
+
+    if not (EXAMPLES / "__init__.py").exists():
+        msg = (f"the example workflows come with a kwf checkout (none at {EXAMPLES}); clone the "
+               "repository, or run your own workflows with `KWF_WORKFLOWS=... kwf run`")
+        raise KafkaSetupError(msg)
+    root = str(EXAMPLES.parent)
+    os.environ.setdefault("KWF_WORKFLOWS", "workflows")
+    path = os.environ.get("PYTHONPATH", "")
+    if root not in path.split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, path) if p)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+
+
 def demo_command(args: argparse.Namespace) -> int:
     from kwf.engine.admin import check_brokers, required_topics
+
+    use_examples()
     from workflows._services import demo_services
 
     settings = Settings.from_env()

@@ -1,9 +1,10 @@
 """``kwf up``: the whole local stack in one command, for the quick start and for trying kwf.
 
 It starts (or reuses) the local broker, creates the topics, starts the engine exactly as
-production runs it (``python -m bytewax.run dataflow`` with recovery on, in a subprocess), runs
-the example workflows through ``kwf demo`` with the demo services, and stops the engine unless
-asked to keep serving. The broker is left running: ``kwf kafka stop`` stops it.
+production runs it (``python -m bytewax.run kwf.engine:engine_flow`` with recovery on, in a
+subprocess), runs the example workflows of the checkout through ``kwf demo`` with the demo
+services, and stops the engine unless asked to keep serving. The broker is left running:
+``kwf kafka stop`` stops it. ``kwf run`` is the engine alone, for any installed kwf.
 """
 
 from __future__ import annotations
@@ -18,12 +19,10 @@ import time
 from pathlib import Path
 
 from kwf.config import Settings
-from kwf.cli.demo import add_demo_arguments, demo_command
+from kwf.cli.demo import add_demo_arguments, demo_command, use_examples
+from kwf.engine import ENTRY
 from kwf.engine.admin import KafkaSetupError, check_brokers, ensure_topics, required_topics
-from kwf.kafka.broker import DEFAULT_PORT, LocalBroker
-
-ROOT = Path(__file__).resolve().parents[2]
-"""The checkout: ``dataflow.py`` and ``workflows/`` live here."""
+from kwf.kafka.broker import DEFAULT_PORT, BrokerError, LocalBroker
 
 
 def register_up(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -38,15 +37,18 @@ def register_up(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def up_command(args: argparse.Namespace) -> int:
-    if not (ROOT / "dataflow.py").exists():
-        msg = f"kwf up runs the engine from a kwf checkout; no dataflow.py in {ROOT}"
-        raise KafkaSetupError(msg)
+    use_examples()
     if args.brokers is None:  # the local broker, started unless it runs
         broker = LocalBroker(port=args.port)
         if not broker.status().running:
             print(f"starting Kafka on {broker.bootstrap} (first run resolves its jars with "
                   "Maven)...", flush=True)
-        args.brokers = broker.start().bootstrap
+        try:
+            args.brokers = broker.start().bootstrap
+        except BrokerError as e:
+            msg = (f"{str(e).split('; ')[0]}: run `kwf up --port N` for a local broker on "
+                   "another port, or `kwf up --brokers HOST:PORT` for a Kafka already running")
+            raise KafkaSetupError(msg) from e
     settings = dataclasses.replace(Settings.from_env(), brokers=args.brokers)
     created = ensure_topics(settings)
     check_brokers(settings.kafka_config(), required_topics(settings))
@@ -71,27 +73,25 @@ def up_command(args: argparse.Namespace) -> int:
         print(f"engine stopped; Kafka still runs on {args.brokers}")
 
 
-def engine_command(state: Path, snapshot_s: int = 1, workers: int = 1,
-                   partitions: int = 1) -> list[str]:
-    """The engine's command line, after creating its recovery directory if need be.
+SNAPSHOT_S = 5
+"""Seconds between snapshots, the same in ``kwf run``, k8s/ and the README (``-s 5 -b 0``)."""
 
-    Bytewax panics when a recovery directory is initialised twice, so it is done only when
-    ``part-0`` is missing; the partition count is fixed from then on.
+
+def engine_command(state: Path, snapshot_s: int = SNAPSHOT_S, workers: int = 1) -> list[str]:
+    """The engine's command line, with recovery in ``state/recovery``.
+
+    The engine creates the directory and its partitions itself, exactly once (Bytewax panics
+    when a directory is initialised twice), with ``KWF_RECOVERY_PARTITIONS`` of them.
     """
-    recovery = state / "recovery"
-    if not (recovery / "part-0.sqlite3").exists():
-        recovery.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "bytewax.recovery", str(recovery),
-                        str(partitions)], check=True, capture_output=True)
-    # The entry point by path, not by module name from the checkout: the engine then runs in
-    # the caller's directory, where KWF_WORKFLOWS modules and relative paths are found.
-    return [sys.executable, "-m", "bytewax.run", str(ROOT / "dataflow.py"), "-r", str(recovery),
+    return [sys.executable, "-m", "bytewax.run", ENTRY, "-r", str(state / "recovery"),
             "-s", str(snapshot_s), "-b", "0", "-w", str(workers)]
 
 
 def start_engine(settings: Settings, state: Path) -> subprocess.Popen[bytes]:
     """The engine in a subprocess with recovery under ``state``, logging to a file there."""
-    env = {**os.environ, "KWF_BROKERS": settings.brokers, "PYTHONUNBUFFERED": "1"}
+    state.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "KWF_BROKERS": settings.brokers, "PYTHONUNBUFFERED": "1",
+           "KWF_RECOVERY_PARTITIONS": os.environ.get("KWF_RECOVERY_PARTITIONS") or "1"}
     log = (state / "engine.log").open("ab")
     return subprocess.Popen(engine_command(state), env=env, stdout=log,
                             stderr=subprocess.STDOUT)
@@ -101,24 +101,22 @@ def register_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     run = commands.add_parser(
         "run", help="the engine alone, in the foreground, with recovery (KWF_* settings)")
     run.add_argument("--state", default=".kwf", help="recovery lives in STATE/recovery")
-    run.add_argument("-s", "--snapshot", type=int, default=5,
+    run.add_argument("-s", "--snapshot", type=int, default=SNAPSHOT_S,
                      help="seconds between snapshots: outputs since the last one are "
                           "written again after a crash (%(default)s)")
     run.add_argument("-w", "--workers", type=int, default=1, help="worker threads")
-    run.add_argument("--partitions", type=int, default=1,
+    run.add_argument("--partitions", type=int,
+                     default=int(os.environ.get("KWF_RECOVERY_PARTITIONS") or 1),
                      help="recovery partitions, when creating the directory: the most workers "
                           "you will ever run (%(default)s)")
     run.set_defaults(handler=run_command)
 
 
 def run_command(args: argparse.Namespace) -> int:
-    if not (ROOT / "dataflow.py").exists():
-        msg = f"kwf run starts dataflow.py from a kwf checkout; none in {ROOT}"
-        raise KafkaSetupError(msg)
-    command = engine_command(Path(args.state).resolve(), args.snapshot, args.workers,
-                             args.partitions)
+    command = engine_command(Path(args.state).resolve(), args.snapshot, args.workers)
+    env = {**os.environ, "KWF_RECOVERY_PARTITIONS": str(args.partitions)}
     print(" ".join(command[1:]), flush=True)
-    os.execv(command[0], command)  # Bytewax gets the signals itself (Ctrl-C, SIGTERM)
+    os.execve(command[0], command, env)  # Bytewax gets the signals itself (Ctrl-C, SIGTERM)
 
 
 def stop_engine(engine: subprocess.Popen[bytes], timeout: float = 15.0) -> None:

@@ -35,7 +35,12 @@ class _Admin:
         self.servers = conf.get("bootstrap.servers", "?")
         self._errors: list[str] = []
         settings = {"log_level": 0, **conf, "error_cb": self._on_error}
-        self.client = AdminClient(settings)  # type: ignore[arg-type]  # the stubs omit callbacks
+        try:
+            self.client = AdminClient(settings)  # type: ignore[arg-type]  # stubs omit callbacks
+        except KafkaException as exc:  # a TLS file librdkafka cannot read, an unknown setting
+            msg = (f"cannot set up a Kafka client for {self.servers}: {exc.args[0].str()}; check "
+                   "the KWF_KAFKA_* settings (or KWF_KAFKA_PROPERTIES)")
+            raise KafkaSetupError(msg) from exc
 
     def _on_error(self, err: KafkaError) -> None:
         if err.code() != KafkaError._ALL_BROKERS_DOWN and err.str() not in self._errors:
@@ -49,8 +54,21 @@ class _Admin:
             self.client.poll(0)  # serves error_cb: the reason (refused, DNS, TLS, auth...)
             reason = "; ".join(self._errors[:2]) or exc.args[0].str()
             msg = f"Kafka at {self.servers} is unreachable within {timeout:g} s ({reason})"
-            msg += f": {START_HINT}"
+            msg += f": {_hint(reason)}"
             raise KafkaSetupError(msg) from exc
+
+
+def _hint(reason: str) -> str:
+    """What to do about a failed connection: a refused login or TLS handshake is not a broker
+    that is down, and starting a local broker would not help."""
+    if "SASL" in reason or "Authentication" in reason or "authentication" in reason:
+        return ("the brokers refused the SASL login: check KWF_KAFKA_SECURITY_PROTOCOL, "
+                "KWF_KAFKA_SASL_MECHANISM, KWF_KAFKA_SASL_USERNAME and KWF_KAFKA_SASL_PASSWORD "
+                "(the Secret in Kubernetes) against the listener's settings")
+    if "SSL" in reason or "certificate" in reason:
+        return ("the TLS handshake failed: check KWF_KAFKA_SECURITY_PROTOCOL, that the "
+                "listener speaks TLS, and KWF_KAFKA_SSL_CA_LOCATION (the CA that signed it)")
+    return START_HINT
 
 
 def check_brokers(conf: Mapping[str, str], topics: Iterable[str], timeout: float = 10.0) -> None:

@@ -344,6 +344,13 @@ def from_env() -> Dataflow:
                            "settings table") from e
     if settings.kafka_properties is not None and not settings.kafka_properties.is_file():
         raise StartupError(f"KWF_KAFKA_PROPERTIES={settings.kafka_properties} is not a file")
+    if not settings.workflows:
+        raise StartupError("KWF_WORKFLOWS is not set: name the modules that register your "
+                           "workflows (a kwf checkout's examples: KWF_WORKFLOWS=workflows)")
+    try:
+        settings.kafka_config()
+    except ValueError as e:  # a TLS file that is not there
+        raise StartupError(str(e)) from e
     try:
         load_modules(settings.workflows)
     except Exception as e:  # noqa: BLE001 - any failure of user code at import
