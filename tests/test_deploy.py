@@ -153,3 +153,39 @@ def test_kafka_settings_come_from_the_environment_and_a_missing_ca_is_named() ->
     with pytest.raises(ValueError, match="KWF_KAFKA_SSL_CA_LOCATION=/nonexistent/ca.crt: no such "
                                          "file"):
         Settings.from_env(env).kafka_config()
+
+
+def test_guard_creates_the_store_once_locks_it_and_completes_an_interrupted_init(
+        tmp_path: Path) -> None:
+    """One process, no Kafka: the partitions are created by the engine (never twice), a second
+    guard on the locked directory refuses naming this pid, and a store whose first
+    initialisation stopped halfway (no marker yet) is completed."""
+    import kwf
+    from kwf.engine import _startup
+    from kwf.engine._startup import Launch, create_partitions, guard, store_report
+    from kwf.registry import Registry
+
+    @kwf.workflow("deploy-guard")
+    async def noop(arg: object) -> object:
+        return arg
+
+    settings, registry = Settings(recovery_partitions=3), Registry([noop])
+    half = tmp_path / "half"
+    half.mkdir()
+    create_partitions(half, [0], 3)  # interrupted before parts 1, 2 and the marker
+    assert store_report(half)["parts"] == [0] and store_report(half)["marker"] is None
+    held = len(_startup._held)
+    try:
+        guard(settings, registry, Launch(recovery=half))
+        assert store_report(half) == {"parts": [0, 1, 2], "directory": str(half),
+                                      "marker": {"partitions": 3, "processes": 1}}
+        with pytest.raises(StartupError, match=f"{half} is in use by another engine "
+                                               f"\\(pid {os.getpid()} "):
+            guard(settings, registry, Launch(recovery=half))
+    finally:
+        for fd in _startup._held[held:]:
+            os.close(fd)
+        del _startup._held[held:]
+    guard(settings, registry, Launch(recovery=half))  # the lock is free again: nothing re-made
+    assert store_report(half)["parts"] == [0, 1, 2]
+    os.close(_startup._held.pop())

@@ -49,6 +49,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         value = getattr(settings, f.name)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             env[f"KWF_{f.name.upper()}"] = str(value)
+    env["KWF_WORKFLOWS"] = ",".join(settings.workflows)
     return env
 
 
@@ -79,7 +80,7 @@ def kafka_engine(kafka_brokers: str, tmp_path_factory: pytest.TempPathFactory
         brokers=kafka_brokers, resume_topic=f"ex-resume-{run}",
         scheduler_topic=f"ex-scheduler-{run}", result_topic=f"ex-result-{run}",
         error_topic=f"ex-error-{run}", events_topic=f"ex-events-{run}",
-        dlq_topic=f"ex-dlq-{run}", partitions=2)
+        dlq_topic=f"ex-dlq-{run}", partitions=2, workflows=("workflows",))
     ensure_topics(settings)
     assert (ROOT / "dataflow.py").exists(), "dataflow.py (the engine's entry point) is missing"
     tmp = tmp_path_factory.mktemp("engine")
