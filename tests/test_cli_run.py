@@ -100,3 +100,20 @@ def test_kwf_send_and_status_talk_to_a_running_engine(kafka_brokers, unique, tmp
     finally:
         engine.terminate()
         engine.wait(30)
+
+
+def test_kwf_up_with_its_port_taken_advises_kwf_up_options(tmp_path: Path):
+    """Port taken by something else: the advice is for ``kwf up`` (--port, --brokers), not for
+    ``kwf kafka start``."""
+    import shutil
+    import socket
+
+    if shutil.which("java") is None:
+        pytest.skip("no java: the local broker cannot even be tried")
+    with socket.create_server(("127.0.0.1", 22090)):
+        env = {**os.environ, "KWF_KAFKA_HOME": str(tmp_path / "kafka")}
+        done = subprocess.run([sys.executable, "-m", "kwf.cli", "up", "--port", "22090"],
+                              env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode != 0
+    assert "port 22090 on 127.0.0.1 is taken" in done.stderr
+    assert "`kwf up --port N`" in done.stderr and "`kwf up --brokers HOST:PORT`" in done.stderr
