@@ -10,7 +10,8 @@ come from ``BYTEWAX_WORKERS_PER_PROCESS`` as Bytewax reads it.
 ``python -m kwf.engine.pod probe DIR --max-age S`` is the liveness and readiness check: it
 succeeds while this process's recovery partitions were written within ``S`` seconds. Every
 closed epoch writes each worker's progress there, so a cluster whose epochs stop closing (a
-stuck worker, a peer gone) fails it. It imports nothing heavy: probes run often.
+stuck worker, a peer gone) fails it. It only reads file times (about 0.5 s of CPU, mostly
+importing kwf, every 10 to 20 s).
 """
 
 from __future__ import annotations
