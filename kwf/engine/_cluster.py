@@ -37,12 +37,18 @@ _MATTERS = ("resume_topic", "scheduler_topic", "result_topic", "error_topic", "e
 
 def identity(settings: Settings, registry: Registry, launch: Launch) -> dict[str, Any]:
     """What must be equal in every process of one cluster."""
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:  # run from a source tree on PYTHONPATH
+            return "not installed"
 
     return {
         "workflows": {name: wf.fingerprint for name, wf in sorted(registry.workflows.items())},
         "default workflow": registry.default,
-        "kwf": version("kwf"), "bytewax": version("bytewax"),
+        "kwf": installed("kwf"), "bytewax": installed("bytewax"),
         "processes": launch.processes, "addresses": list(launch.addresses),
         "workers per process": launch.workers, "snapshot interval": launch.snapshot_s,
         "backup interval": launch.backup_s, "recovery": launch.recovery is not None,
