@@ -23,6 +23,10 @@ ENGINE_GC_THRESHOLDS = (50_000, 20, 100)
 measures the difference."""
 
 
+class KafkaSettingsError(ValueError):
+    """A Kafka setting names a file that is not there (a CA, a key); the message names it."""
+
+
 def _split(value: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in value.split(",") if part.strip())
 
@@ -96,7 +100,7 @@ class Settings:
         """librdkafka settings: ``bootstrap.servers``, the optional properties file, then the
         ``KWF_KAFKA_<SETTING>`` variables (which win: a Kubernetes Secret maps onto them).
 
-        Raises ``ValueError`` naming the variable when a file librdkafka would open is missing
+        Raises ``KafkaSettingsError`` naming the variable when a file librdkafka would open is missing
         (a CA, a key, a keystore), instead of librdkafka's error from deep inside a client.
         """
         conf = {"bootstrap.servers": self.brokers}
@@ -109,7 +113,7 @@ class Settings:
                           else f"{key} in {self.kafka_properties}")
                 msg = (f"{origin}={value}: no such file; mount it (a Secret volume in Kubernetes) "
                        "or fix the path")
-                raise ValueError(msg)
+                raise KafkaSettingsError(msg)
         return conf
 
     @property
@@ -127,7 +131,8 @@ class Settings:
 
 KAFKA_ENV_PREFIX = "KWF_KAFKA_"
 _NOT_KAFKA = {"KWF_KAFKA_PROPERTIES", "KWF_KAFKA_HOME", "KWF_KAFKA_CACHE"}
-"""``KWF_KAFKA_*`` variables that are kwf's own (the properties file; the local broker's home and cache)."""
+"""``KWF_KAFKA_*`` variables that are kwf's own: the properties file, the local broker's home
+and cache."""
 
 
 def kafka_env(env: Mapping[str, str]) -> dict[str, str]:

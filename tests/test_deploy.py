@@ -10,16 +10,11 @@ test's own.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -189,3 +184,15 @@ def test_guard_creates_the_store_once_locks_it_and_completes_an_interrupted_init
     guard(settings, registry, Launch(recovery=half))  # the lock is free again: nothing re-made
     assert store_report(half)["parts"] == [0, 1, 2]
     os.close(_startup._held.pop())
+
+
+def test_the_engine_names_a_missing_ca_file_instead_of_a_kafka_traceback(tmp_path: Path) -> None:
+    env = {**os.environ, "KWF_BROKERS": "127.0.0.1:1", "KWF_WORKFLOWS": "flow_workflows",
+           "PYTHONPATH": str(Path(__file__).parent), "KWF_KAFKA_SECURITY_PROTOCOL": "SSL",
+           "KWF_KAFKA_SSL_CA_LOCATION": str(tmp_path / "ca.crt")}
+    done = subprocess.run([sys.executable, "-m", "bytewax.run", "kwf.engine:engine_flow"],
+                          env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode != 0
+    assert (f"kwf engine not started: KWF_KAFKA_SSL_CA_LOCATION={tmp_path / 'ca.crt'}: no such "
+            "file; mount it") in done.stderr
+    assert "Traceback" not in done.stderr

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_deploy import K8S, KUBECTL, kind, needs_kubectl, render
+from test_deploy import K8S, kind, needs_kubectl, render
 from test_flow_kafka import World
 
 from kwf.engine.admin import KafkaSetupError, check_brokers
@@ -245,3 +245,7 @@ def test_a_refused_sasl_login_is_not_reported_as_an_unreachable_broker(kafka_bro
         check_brokers(conf, [], timeout=3)
     assert "refused the SASL login" in str(info.value)
     assert "kwf kafka start" not in str(info.value)
+    with pytest.raises(KafkaSetupError) as info:  # TLS client, plaintext listener
+        check_brokers({"bootstrap.servers": kafka_brokers, "security.protocol": "SSL"}, [],
+                      timeout=3)
+    assert "the TLS handshake failed" in str(info.value)

@@ -19,6 +19,7 @@ from kwf.cli.demo import register_demo
 from kwf.cli.kafka import NOT_RUNNING, register_kafka, register_topics
 from kwf.cli.ops import register_ops
 from kwf.cli.up import register_run, register_up
+from kwf.config import KafkaSettingsError
 from kwf.engine.admin import KafkaSetupError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code: int = args.handler(args)
         return code
-    except KafkaSetupError as exc:
+    except (KafkaSetupError, KafkaSettingsError) as exc:
         print(f"kwf: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

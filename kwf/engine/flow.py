@@ -27,7 +27,7 @@ from bytewax.outputs import Sink
 from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE
 from typing_extensions import override
 
-from kwf.config import ENGINE_GC_THRESHOLDS, Settings
+from kwf.config import ENGINE_GC_THRESHOLDS, KafkaSettingsError, Settings
 from kwf.engine import logs, metrics
 from kwf.protocol import (
     Command,
@@ -349,7 +349,7 @@ def from_env() -> Dataflow:
                            "workflows (a kwf checkout's examples: KWF_WORKFLOWS=workflows)")
     try:
         settings.kafka_config()
-    except ValueError as e:  # a TLS file that is not there
+    except KafkaSettingsError as e:  # a TLS file that is not there
         raise StartupError(str(e)) from e
     try:
         load_modules(settings.workflows)
