@@ -144,9 +144,10 @@ def test_pods_from_the_manifests_survive_a_kill_and_resume_on_three_pods(
     from the volumes the 2 left. Every workflow completes with the right result."""
     cluster = Cluster(world, 2, tmp_path).start()
     clusters = [cluster]
+    starts: dict[str, int] = {}  # thread -> the offset of its start: its suspend ids
     try:
         for i in range(6):
-            world.send(f"trip-{i}", 'new:ftrip:{"rest": 1}')
+            starts[f"trip-{i}"] = world.send(f"trip-{i}", 'new:ftrip:{"rest": 1}')
         world.pump(lambda: len(world.results()) >= 2, 60)
         assert cluster.pods[0].env["BYTEWAX_WORKERS_PER_PROCESS"] == "2"
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{cluster.pods[0].api}/metrics",
@@ -159,7 +160,7 @@ def test_pods_from_the_manifests_survive_a_kill_and_resume_on_three_pods(
         cluster.pods[1].kill()
         assert cluster.pods[0].proc is not None and cluster.pods[0].proc.wait(30) != 0
         for i in range(6, 10):
-            world.send(f"trip-{i}", 'new:ftrip:{"rest": 1}')
+            starts[f"trip-{i}"] = world.send(f"trip-{i}", 'new:ftrip:{"rest": 1}')
         cluster.start()  # the kubelet restarts both containers
         world.pump(lambda: len(world.results()) == 10, 90)
         assert all(pod.probe("readinessProbe") == 0 for pod in cluster.pods), cluster.logs()
@@ -168,7 +169,7 @@ def test_pods_from_the_manifests_survive_a_kill_and_resume_on_three_pods(
         three = Cluster(world, 3, tmp_path)
         clusters.append(three)
         for i in range(10, 16):
-            world.send(f"trip-{i}", 'new:ftrip:{"rest": 1}')
+            starts[f"trip-{i}"] = world.send(f"trip-{i}", 'new:ftrip:{"rest": 1}')
         three.start()
         world.pump(lambda: len(world.results()) == 16, 90)
     except BaseException:
@@ -177,8 +178,9 @@ def test_pods_from_the_manifests_survive_a_kill_and_resume_on_three_pods(
     finally:
         for c in clusters:
             c.kill()
-    assert world.results() == {f"trip-{i}": {"car": {"id": "0:1"}, "hotel": {"id": "0:2"}}
-                               for i in range(16)}
+    assert world.results() == {key: {"car": {"id": f"{offset}:1"}, "hotel": {"id": f"{offset}:2"}}
+                               for key, offset in starts.items()}
+    assert len(starts) == 16
     new = three.pods[2].volume / "recovery"  # the new pod holds no partition, and knows why
     assert (new / "kwf-recovery.json").exists() and not list(new.glob("part-*"))
 

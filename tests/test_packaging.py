@@ -100,12 +100,13 @@ def test_the_image_files_install_in_a_fresh_venv_and_run_the_engine(
     engine = subprocess.Popen([str(kwf), "run", "--state", str(tmp_path / "state")], cwd=app,
                               env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        world.send("trip-2", 'new:ftrip:{"rest": 0}')
+        offset = world.send("trip-2", 'new:ftrip:{"rest": 0}')
         world.pump(lambda: "trip-2" in world.results(), 90)
     finally:
         engine.kill()
         engine.wait()
-    assert world.results()["trip-2"] == {"car": {"id": "0:1"}, "hotel": {"id": "0:2"}}
+    assert world.results()["trip-2"] == {"car": {"id": f"{offset}:1"},
+                                         "hotel": {"id": f"{offset}:2"}}
     # without KWF_WORKFLOWS an installed engine refuses instead of serving anything
     env.pop("KWF_WORKFLOWS")
     done = subprocess.run(command, cwd=app, env=env, capture_output=True, text=True, timeout=60)
