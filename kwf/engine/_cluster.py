@@ -129,7 +129,16 @@ def _lead(launch: Launch, mine: dict[str, Any], report: dict[str, Any], partitio
             conn.settimeout(max(deadline - time.monotonic(), 1.0))
             reader = conn.makefile("rb")
             hello = _receive(reader, "a process's report")
-            peers[int(hello["process"])] = (conn, reader, hello)
+            proc = int(hello["process"])
+            if not 0 < proc < launch.processes:
+                _send(conn, {"error": f"process {proc} ({hello['address']}) is not expected in "
+                                      f"a cluster of {launch.processes}: check the process ids "
+                                      "and the address lists"})
+                conn.close()
+                continue
+            if proc in peers:  # it restarted since its first report: the newer one counts
+                peers[proc][0].close()
+            peers[proc] = (conn, reader, hello)
         try:
             _decide(launch, mine, report, partitions, peers)
         finally:
