@@ -117,3 +117,17 @@ def test_kwf_up_with_its_port_taken_advises_kwf_up_options(tmp_path: Path):
     assert done.returncode != 0
     assert "port 22090 on 127.0.0.1 is taken" in done.stderr
     assert "`kwf up --port N`" in done.stderr and "`kwf up --brokers HOST:PORT`" in done.stderr
+
+
+def test_the_kwf_command_finds_workflow_modules_in_the_current_directory(tmp_path: Path):
+    """As the engine does (``python -m bytewax.run`` puts the current directory on the path):
+    ``KWF_WORKFLOWS=mine kwf topics check`` imports ./mine.py, then looks for Kafka."""
+    (tmp_path / "mine_deploy.py").write_text(
+        "import kwf\nkwf.config.output_topics.add('mine-out')\n")
+    kwf_script = Path(sys.executable).with_name("kwf")
+    env = {**os.environ, "KWF_WORKFLOWS": "mine_deploy", "KWF_BROKERS": "127.0.0.1:1"}
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run([str(kwf_script), "topics", "check", "--timeout", "2"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "ModuleNotFoundError" not in done.stderr and "unreachable" in done.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``kwf`` command line; returns the exit code (the console script exits with it)."""
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
+    if os.getcwd() not in sys.path:  # KWF_WORKFLOWS modules are found here, as the engine
+        sys.path.insert(0, os.getcwd())  # (python -m bytewax.run) finds them
     try:
         code: int = args.handler(args)
         return code
