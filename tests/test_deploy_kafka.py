@@ -152,7 +152,7 @@ def test_pods_from_the_manifests_survive_a_kill_and_resume_on_three_pods(
         assert cluster.pods[0].env["BYTEWAX_WORKERS_PER_PROCESS"] == "2"
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{cluster.pods[0].api}/metrics",
                                          timeout=5).read().decode()
-        assert "item_inp_count" in metrics
+        assert "item_inp_count" in metrics and "# HELP kwf_threads_started_total" in metrics
         parts = [sorted(p.name for p in (pod.volume / "recovery").glob("part-*.sqlite3"))
                  for pod in cluster.pods]
         assert parts == [[f"part-{i}.sqlite3" for i in (0, 2, 4)],
