@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from kwf.cli._kafka import NOT_RUNNING
 from kwf.config import Settings
 from kwf.engine.admin import check_brokers, ensure_topics, required_topics
 from kwf.kafka.broker import DEFAULT_PORT, KAFKA_VERSION, BrokerStatus, LocalBroker
 
-NOT_RUNNING = 3  # `status` exit code when stopped, as for LSB init scripts
 
 
 # -- kwf kafka start|stop|status|reset -------------------------------------------------------
