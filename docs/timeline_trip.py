@@ -6,13 +6,14 @@ Run from the checkout: ``.venv/bin/python docs/timeline_trip.py``.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from kwf.testing import Engine
 from workflows.trip_booking import trip
 
 
-def main() -> None:
+def main(target: Path = Path(__file__).with_name("timeline-trip.svg")) -> None:
     with Engine(workflows=[trip], start_time=1_800_000_000) as eng:
         eng.send("trip-7", 'new:trip:{"timeoutMs": 1000}')
         for kind in ("car", "hotel"):  # the flight service never answers
@@ -20,10 +21,9 @@ def main() -> None:
             [asked] = eng.outputs(f"saga-reserve-{kind}")
             eng.send("trip-7", json.dumps({"ref": asked.value, "value": {"booked": kind}}))
         eng.advance(1)  # the deadline fires: cancel the flight, compensate car and hotel
-        target = Path(__file__).with_name("timeline-trip.svg")
         eng.timeline("trip-7").save(target)
         print(f"wrote {target}")
 
 
 if __name__ == "__main__":
-    main()
+    main(*map(Path, sys.argv[1:2]))

@@ -63,10 +63,11 @@ def _render(history: History, settings: Settings) -> str:
     times = sorted({s.time for s in steps} | {t for s in steps for t in s.timers} | {j.started})
     col: dict[float, float] = {t: float(_LEFT + 20 + i * _COL) for i, t in enumerate(times)}
     topics = sorted({r.topic for s in steps for r in s.outputs}
-                    - {settings.events_topic, settings.result_topic, settings.error_topic})
+                    - {settings.events_topic, settings.result_topic, settings.error_topic},
+                    key=lambda t: ("cancel" in t, t))  # compensations below what they undo
     rows = ["steps", "waits", "timers", *topics, "end"]
     y = {name: _TOP + 30 + i * _ROW for i, name in enumerate(rows)}
-    width = _LEFT + 60 + len(times) * _COL
+    width = _LEFT + 200 + len(times) * _COL  # room for the end's label
     height = y["end"] + 60
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
            f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
