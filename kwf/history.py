@@ -20,6 +20,8 @@ from kwf.journal import Check, Event, Journal
 from kwf.protocol import Headers, Record, output_record
 from kwf.registry import Workflow
 
+__all__ = ["History", "Step", "replay"]
+
 
 @dataclass(frozen=True)
 class Step:

@@ -80,7 +80,8 @@ def stack(kafka_brokers: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     settings = Settings.from_env(env)
     ensure_topics(settings)
     log = (home / "engine.log").open("wb")
-    engine = subprocess.Popen([sys.executable, "-m", "kwf.cli", "run", "--state", str(home / ".kwf"),
+    engine = subprocess.Popen([sys.executable, "-m", "kwf.cli", "run", "--state",
+                               str(home / ".kwf"),
                                "-s", "1"], env=env, cwd=home, stdout=log,
                               stderr=subprocess.STDOUT)
     try:

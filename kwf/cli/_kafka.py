@@ -127,13 +127,13 @@ def _text(data: bytes | None) -> str | None:
     return None if data is None else data.decode("utf-8", errors="replace")
 
 
-def _message(msg: Any) -> Message:
+def to_message(msg: Any) -> Message:
     headers = {k: _text(v) or "" for k, v in (msg.headers() or [])}
     return Message(msg.topic(), msg.partition(), msg.offset(), _text(msg.key()),
                    _text(msg.value()), headers, msg.timestamp()[1] / 1000)
 
 
-def _consumer(settings: Settings) -> Consumer:
+def open_consumer(settings: Settings) -> Consumer:
     return Consumer({"log_level": 0, **settings.kafka_config(),
                      "group.id": f"kwf-cli-{uuid.uuid4().hex[:8]}", "enable.auto.commit": "false",
                      "enable.partition.eof": "false"})
@@ -141,7 +141,7 @@ def _consumer(settings: Settings) -> Consumer:
 
 def ends(settings: Settings, topic: str, timeout: float) -> dict[int, int]:
     """The next offset of each partition of ``topic`` (where a new record will land)."""
-    consumer = _consumer(settings)
+    consumer = open_consumer(settings)
     try:
         parts = consumer.list_topics(topic, timeout=timeout).topics[topic].partitions
         return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1]
@@ -160,7 +160,7 @@ def read(settings: Settings, topic: str, timeout: float,
     todo = {p: end for p, end in stop.items() if end > first.get(p, 0)}
     if not todo:
         return []
-    consumer = _consumer(settings)
+    consumer = open_consumer(settings)
     found: list[Message] = []
     try:
         consumer.assign([TopicPartition(topic, p, first.get(p, 0)) for p in todo])
@@ -171,7 +171,7 @@ def read(settings: Settings, topic: str, timeout: float,
                     continue
                 p, offset = msg.partition() or 0, msg.offset() or 0
                 if p in todo and offset < todo[p]:
-                    found.append(_message(msg))
+                    found.append(to_message(msg))
                 if offset + 1 >= stop[p]:
                     todo.pop(p, None)
     except KafkaException as e:
@@ -221,15 +221,15 @@ def produce(settings: Settings, topic: str, key: str | None, value: str | None,
 def dead_letter_of(settings: Settings, source: str, since: dict[int, int],
                    seconds: float) -> Message | None:
     """The dead letter whose ``kwf-source`` is ``source``, if one shows up within ``seconds``."""
-    consumer = _consumer(settings)
+    consumer = open_consumer(settings)
     topic = settings.dlq_topic
     try:
         consumer.assign([TopicPartition(topic, p, o) for p, o in since.items()])
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             for msg in consumer.consume(100, 0.2):
-                if msg.error() is None and _message(msg).headers.get("kwf-source") == source:
-                    return _message(msg)
+                if msg.error() is None and to_message(msg).headers.get("kwf-source") == source:
+                    return to_message(msg)
     finally:
         consumer.close()
     return None

@@ -15,7 +15,7 @@ from collections import Counter
 
 from confluent_kafka import TopicPartition
 
-from kwf.cli._kafka import (NOT_FOUND, OK, USAGE, CliError, Message, _consumer, _message,
+from kwf.cli._kafka import (NOT_FOUND, OK, USAGE, CliError, Message, open_consumer, to_message,
                             add_json, add_kafka, print_json, produce, reach, read, settings_of)
 from kwf.cli.ops import add_check, submit
 from kwf.config import Settings
@@ -76,7 +76,7 @@ def fetch(settings: Settings, address: str, timeout: float) -> Message:
     except ValueError:
         raise CliError(f"{address!r} is not PARTITION/OFFSET (kwf dlq list shows them)",
                        USAGE) from None
-    consumer = _consumer(settings)
+    consumer = open_consumer(settings)
     try:
         consumer.assign([TopicPartition(settings.dlq_topic, partition, offset)])
         deadline = time.monotonic() + timeout
@@ -84,7 +84,7 @@ def fetch(settings: Settings, address: str, timeout: float) -> Message:
             got = [raw for raw in consumer.consume(1, 0.2) if raw.error() is None]
             if got:
                 if got[0].offset() == offset:
-                    return _message(got[0])
+                    return to_message(got[0])
                 break  # compacted or deleted: Kafka skipped to the next one
     finally:
         consumer.close()

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from kwf._timeline import Timeline, duration
-from kwf.cli._kafka import DIVERGED, NOT_FOUND, OK, USAGE, CliError, add_json, print_json, settings_of
+from kwf.cli._kafka import (DIVERGED, NOT_FOUND, OK, USAGE, CliError, add_json, print_json,
+                            settings_of)
 from kwf.cli._store import StoreError, read_journals
 from kwf.cli.ops import when
 from kwf.config import Settings
@@ -87,7 +88,8 @@ def replay_command(args: argparse.Namespace) -> int:
         debugger = pdb.Pdb()
         code = workflow.fn.__code__
         body = min((line for *_, line in code.co_lines()
-                    if line is not None and line > code.co_firstlineno), default=code.co_firstlineno)
+                    if line is not None and line > code.co_firstlineno),
+                   default=code.co_firstlineno)
         debugger.set_break(code.co_filename, body)
         print(f"stopping at {code.co_filename}:{body}, the workflow's first line; `c` goes on",
               flush=True)
@@ -132,7 +134,8 @@ def _print(history: History, settings: Settings) -> None:
     if j.finished and not history.steps:
         print(f"  {'result' if j.status == 'completed' else 'error'}: {j.result}")
     for step in history.steps:
-        stamp = time.strftime("%H:%M:%S", time.gmtime(step.time)) + f".{int(step.time * 1000) % 1000:03d}"
+        millis = int(step.time * 1000) % 1000
+        stamp = time.strftime("%H:%M:%S", time.gmtime(step.time)) + f".{millis:03d}"
         payload = j.arg if step.event is None else step.payload
         print(f"step {step.number:<3} {stamp} (+{duration(step.time - j.started)})  "
               f"{_what(step)}  {json.dumps(payload)[:200]}")

@@ -15,11 +15,11 @@ import json
 import time
 from typing import Any
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import TopicPartition
 
 from kwf._timeline import duration
-from kwf.cli._kafka import (DEAD_LETTERED, NOT_FOUND, OK, USAGE, CliError, Message, _consumer,
-                            _message, add_json, add_kafka, ends, latest, print_json, produce,
+from kwf.cli._kafka import (DEAD_LETTERED, NOT_FOUND, OK, USAGE, CliError, Message, open_consumer,
+                            to_message, add_json, add_kafka, ends, latest, print_json, produce,
                             reach, read, settings_of)
 from kwf.config import Settings
 from kwf.protocol import ProtocolError, parse_command
@@ -61,7 +61,8 @@ def submit(settings: Settings, thread: str, value: str, args: argparse.Namespace
         raise CliError(f"not sent: {e}", USAGE) from None
     topic = settings.resume_topic
     reach(settings, [topic, settings.dlq_topic, settings.events_topic], args.timeout)
-    since = {t: ends(settings, t, args.timeout) for t in (settings.dlq_topic, settings.events_topic)}
+    since = {t: ends(settings, t, args.timeout)
+             for t in (settings.dlq_topic, settings.events_topic)}
     sent_at = time.time()
     partition, offset = produce(settings, topic, thread, value, args.timeout)
     source = f"{topic}/{partition}/{offset}"
@@ -84,7 +85,7 @@ def submit(settings: Settings, thread: str, value: str, args: argparse.Namespace
 
 def _watch(settings: Settings, since: dict[str, dict[int, int]], source: str, thread: str,
            sent_at: float, seconds: float) -> Message | None:
-    consumer: Consumer = _consumer(settings)
+    consumer = open_consumer(settings)
     try:
         consumer.assign([TopicPartition(t, p, o) for t, parts in since.items()
                          for p, o in parts.items()])
@@ -93,7 +94,7 @@ def _watch(settings: Settings, since: dict[str, dict[int, int]], source: str, th
             for raw in consumer.consume(100, 0.2):
                 if raw.error() is not None:
                     continue
-                msg = _message(raw)
+                msg = to_message(raw)
                 if msg.topic == settings.dlq_topic and msg.headers.get("kwf-source") == source:
                     return msg
                 if (msg.topic == settings.events_topic and msg.key == thread

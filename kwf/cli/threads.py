@@ -17,8 +17,9 @@ from typing import Any
 
 from confluent_kafka import TopicPartition
 
-from kwf.cli._kafka import (NOT_FOUND, OK, THREAD_FAILED, USAGE, WAITING, CliError, _consumer,
-                            _message, add_json, add_kafka, ends, latest, parse_json, print_json,
+from kwf.cli._kafka import (NOT_FOUND, OK, THREAD_FAILED, USAGE, WAITING, CliError, Message,
+                            open_consumer,
+                            to_message, add_json, add_kafka, ends, latest, parse_json, print_json,
                             reach, read, settings_of)
 from kwf.cli.ops import add_check, read_statuses, status_line, submit, when
 from kwf.config import Settings
@@ -176,8 +177,9 @@ def describe_command(args: argparse.Namespace) -> int:
         for t in d.get("timers", []):
             print(f"timer     {when(t)}")
     if "value" in d:
+        kind = f" ({d['error_type']})" if d.get("error_type") else ""
         print(f"{'result' if d['status'] == 'completed' else 'error':<10}"
-              f"{json.dumps(d['value'])}" + (f" ({d['error_type']})" if d.get("error_type") else ""))
+              f"{json.dumps(d['value'])}{kind}")
     elif d.get("error"):
         print(f"error     {d['error']}")
     if d.get("traceback"):
@@ -197,7 +199,7 @@ def watch_command(args: argparse.Namespace) -> int:
     state = {k: json.loads(m.value or "{}") for k, m in latest(read(settings, topic,
                                                                     args.timeout)).items()}
     recent: deque[dict[str, Any]] = deque(maxlen=args.recent)
-    consumer = _consumer(settings)
+    consumer = open_consumer(settings)
     consumer.assign([TopicPartition(topic, p, o) for p, o in start.items()])
     stop = None if args.duration is None else time.monotonic() + args.duration
     tty = sys.stdout.isatty() and not args.json
@@ -207,7 +209,7 @@ def watch_command(args: argparse.Namespace) -> int:
             while time.monotonic() < refresh:
                 for raw in consumer.consume(500, 0.2):
                     if raw.error() is None:
-                        _seen(_message(raw), state, recent)
+                        _seen(to_message(raw), state, recent)
             _draw(state, recent, args.json, tty)
             if stop is not None and time.monotonic() >= stop:
                 return OK
@@ -215,7 +217,7 @@ def watch_command(args: argparse.Namespace) -> int:
         consumer.close()
 
 
-def _seen(msg: Any, state: dict[str, dict[str, Any]], recent: deque[dict[str, Any]]) -> None:
+def _seen(msg: Message, state: dict[str, dict[str, Any]], recent: deque[dict[str, Any]]) -> None:
     if msg.key is None:
         return
     old = state.get(msg.key, {}).get("status")
