@@ -114,9 +114,12 @@ def replay(journal: Journal, workflow: Workflow | None, settings: Settings) -> H
         return history
     if workflow is None:
         history.replayed = False
-        history.note = f"workflow {journal.workflow!r} is not served here: events only, no outputs"
-        history.steps = [Step(journal.base_step + i, e, e[1] if e else journal.started, (), (), ())
-                         for i, e in enumerate([None, *journal.events])]
+        history.note = (f"workflow {journal.workflow!r} is not served here: the journal's "
+                        "events and waits only, no outputs")
+        history.steps = [Step(journal.base_step + i, e, e[1] if e else journal.started, (),
+                              check[2], ())
+                         for i, (e, check) in enumerate(zip([None, *journal.events],
+                                                            journal.checks))]
         return history
     inst = _Collecting(workflow, journal, settings, replaying=True)
     inst.collected = []

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import kwf
+from kwf._timeline import Timeline
 from kwf.history import replay
 from kwf.testing import Engine
 from workflows.approval import approval
@@ -109,3 +110,21 @@ def test_the_readme_picture_is_the_one_the_script_draws(tmp_path: Path):
     draw = runpy.run_path(str(ROOT / "docs" / "timeline_trip.py"))["main"]
     draw(tmp_path / "trip.svg")
     assert (tmp_path / "trip.svg").read_text() == (ROOT / "docs" / "timeline-trip.svg").read_text()
+
+
+def test_without_the_code_or_after_the_end_the_history_says_what_it_lacks():
+    with Engine(workflows=[approval]) as eng:
+        eng.send("a", "new:approval:{}")
+        eng.advance(3 * 86400)  # the reminder
+        running = eng.journal("a")
+        bare = replay(running, None, eng.settings)
+        eng.send("a", '{"ref": "decision", "value": {"approved": false, "by": "approver"}}')
+        tombstone = eng.journal("a")
+        ended = replay(tombstone, approval.__kwf_workflow__, eng.settings)
+    assert not bare.replayed and "not served" in (bare.note or "")
+    assert [(s.kind, s.pending, s.outputs) for s in bare.steps] == [
+        ("start", ("decision",), ()), ("timer", ("decision",), ())]
+    assert len(marks(Timeline(bare, eng.settings).svg, "step")) == 2
+    assert not ended.replayed and ended.steps == [] and "completed at step 2" in (ended.note or "")
+    svg = Timeline(ended, eng.settings).svg
+    assert not marks(svg, "step") and len(marks(svg, "result")) == 1
