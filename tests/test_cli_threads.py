@@ -273,6 +273,9 @@ def test_history_matches_the_engine_and_replay_finds_an_edit(stack: Stack):
     done = subprocess_kwf(stack, "replay", t, "--pdb", stdin="p arg\nc\n")
     assert "(Pdb)" in done.stdout and "cliwf.py" in done.stdout and "{'n': 1}" in done.stdout
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "replay matches the journal" in done.stdout
+    done = subprocess_kwf(stack, "replay", t, "--pdb", stdin="q\n")
+    assert "replay abandoned in the debugger" in done.stdout and done.returncode == 0
 
     svg = stack.home / "steps.svg"
     assert "2 journal steps" in kwf(stack, "timeline", t, "-o", str(svg))

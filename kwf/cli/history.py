@@ -85,17 +85,10 @@ def replay_command(args: argparse.Namespace) -> int:
                f"{settings.workflows} (KWF_WORKFLOWS) do not define")
         raise CliError(msg, USAGE)
     if args.pdb:
-        debugger = pdb.Pdb()
-        code = workflow.fn.__code__
-        body = min((line for *_, line in code.co_lines()
-                    if line is not None and line > code.co_firstlineno),
-                   default=code.co_firstlineno)
-        debugger.set_break(code.co_filename, body)
-        print(f"stopping at {code.co_filename}:{body}, the workflow's first line; `c` goes on",
-              flush=True)
-        debugger.cmdqueue.append("continue")  # from replay's first line to the breakpoint
-        replayed = debugger.runcall(replay, journal, workflow, settings)
-        assert replayed is not None  # None only if the debugger quit, which raises instead
+        replayed = _debug(journal, workflow, settings)
+        if replayed is None:
+            print("replay abandoned in the debugger")
+            return OK
         history = replayed
     else:
         history = replay(journal, workflow, settings)
@@ -111,6 +104,31 @@ def replay_command(args: argparse.Namespace) -> int:
         return OK
     print(f"DIVERGED at step {bad.number} ({_what(bad)}): {bad.diverged}")
     return DIVERGED
+
+
+def _debug(journal: Journal, workflow: Workflow, settings: Settings) -> History | None:
+    """``replay`` under pdb, stopped at the workflow's first line; None if the user quit."""
+    debugger = _Pdb()
+    code = workflow.fn.__code__
+    body = min((line for *_, line in code.co_lines()
+                if line is not None and line > code.co_firstlineno), default=code.co_firstlineno)
+    debugger.set_break(code.co_filename, body)
+    print(f"stopping at {code.co_filename}:{body}, the workflow's first line; `c` goes on, "
+          "`q` abandons the replay", flush=True)
+    debugger.cmdqueue.append("continue")  # from replay's own first line to the breakpoint
+    history: History | None = debugger.runcall(replay, journal, workflow, settings)
+    # Quitting raises BdbQuit inside the workflow, which fails it: that replay proves nothing.
+    return None if debugger.quit_asked else history
+
+
+class _Pdb(pdb.Pdb):
+    """pdb that remembers whether the user quit (``q`` or end of input)."""
+
+    quit_asked = False
+
+    def set_quit(self) -> None:
+        self.quit_asked = True
+        super().set_quit()
 
 
 def timeline_command(args: argparse.Namespace) -> int:
