@@ -125,13 +125,13 @@ def _waits(steps: list[Step], col: dict[float, float], y: float) -> list[str]:
     for i, (ref, since, until) in enumerate(bars):
         x0 = col[since]
         x1 = col[until] if until is not None else x0 + _COL * 0.6
-        dy = (i % 3 - 1) * 7 if lane else 0
+        dy = (i % 3 - 1) * 9 if lane else 0
         state = "settled" if until is not None else "pending"
         marks.append(f'<g class="wait" data-ref={quoteattr(ref)}><title>'
                      f'{escape(f"wait {ref}: {state}")}</title>'
                      f'<rect x="{x0}" y="{y + dy - 3}" width="{max(x1 - x0, 4)}" height="6" '
                      f'rx="3" fill="{"#68d391" if until is not None else "#f6ad55"}"/>'
-                     + _text(x0 + 3, y + dy - 5, _clip(ref, 12), size=9) + "</g>")
+                     + _text(max(x1, x0 + 4) + 3, y + dy + 3, _clip(ref, 12), size=9) + "</g>")
     return marks
 
 
