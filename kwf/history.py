@@ -51,9 +51,16 @@ class Step:
     def payload(self) -> Any:
         return None if self.event is None else self.event[3]
 
+    @property
+    def origin(self) -> str | None:
+        """The offset of the ``workflow-resume`` record that caused the step (``17``), or for a
+        timer ``<last record's offset>.<k>``; None for the start (see ``Journal.origin``)."""
+        return None if self.event is None else str(self.event[4])
+
     def as_dict(self, events_topic: str | None = None) -> dict[str, Any]:
         """JSON-ready; outputs to ``events_topic`` (the status records) are left out if given."""
         return {"step": self.number, "kind": self.kind, "time": self.time, "ref": self.ref,
+                "origin": self.origin,
                 "payload": self.payload, "pending": list(self.pending),
                 "timers": list(self.timers), "diverged": self.diverged,
                 "outputs": [{"topic": r.topic, "key": r.key, "value": r.value,
@@ -82,7 +89,8 @@ class History:
     def as_dict(self, events_topic: str | None = None) -> dict[str, Any]:
         j = self.journal
         return {"thread": j.thread, "workflow": self.workflow, "status": j.status,
-                "started": j.started, "arg": j.arg, "step": j.step, "result": j.result,
+                "started": j.started, "origin": j.origin, "arg": j.arg, "step": j.step,
+                "result": j.result,
                 "replayed": self.replayed, "note": self.note,
                 "divergence": None if self.divergence is None else self.divergence.number,
                 "steps": [s.as_dict(events_topic) for s in self.steps]}
@@ -112,10 +120,12 @@ def replay(journal: Journal, workflow: Workflow | None, settings: Settings) -> H
         history.note = (f"the thread {journal.status} at step {journal.step}; a finished thread "
                         "keeps only its status and result (its events were dropped)")
         return history
+    if journal.refused is not None:
+        workflow, history.note = None, journal.refused
     if workflow is None:
         history.replayed = False
-        history.note = (f"workflow {journal.workflow!r} is not served here: the journal's "
-                        "events and waits only, no outputs")
+        history.note = history.note or (f"workflow {journal.workflow!r} is not served here: "
+                                        "the journal's events and waits only, no outputs")
         history.steps = [Step(journal.base_step + i, e, e[1] if e else journal.started, (),
                               check[2], ())
                          for i, (e, check) in enumerate(zip([None, *journal.events],

@@ -155,8 +155,10 @@ def _print(history: History, settings: Settings) -> None:
         millis = int(step.time * 1000) % 1000
         stamp = time.strftime("%H:%M:%S", time.gmtime(step.time)) + f".{millis:03d}"
         payload = j.arg if step.event is None else step.payload
+        origin = step.origin or j.origin  # a timer's ("17.1") is no record of its own
+        record = f"  (record at offset {origin})" if "." not in origin else ""
         print(f"step {step.number:<3} {stamp} (+{duration(step.time - j.started)})  "
-              f"{_what(step)}  {json.dumps(payload)[:200]}")
+              f"{_what(step)}  {json.dumps(payload)[:200]}{record}")
         for rec in step.outputs:
             if rec.topic != settings.events_topic:
                 print(f"    -> {rec.topic}  {str(rec.value)[:200]}")
