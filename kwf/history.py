@@ -101,8 +101,9 @@ class _Collecting(Instance):
 
     collected: list[Record]
 
-    def _emit(self, topic: str, key: str, value: str | None, extra: Headers = ()) -> None:
-        super()._emit(topic, key, value, extra)  # type: ignore[arg-type]
+    def _emit(self, topic: str, key: str, value: str | None,
+              extra: tuple[tuple[str, str], ...] = (), checked: str | None = None) -> None:
+        super()._emit(topic, key, value, extra, checked)
         self.collected.append(output_record(topic, key, value, thread=self.thread_id,
                                             seq=self.seq, step=self.step,
                                             time=self.loop.time(), extra=extra))

@@ -173,7 +173,10 @@ def test_cancel_and_a_failed_thread(stack: Stack):
     failed = until(lambda: (d := kwf_json(stack, "describe", f))["status"] == "failed" and d)
     assert failed["error_type"] == "KeyError" and failed["value"] == "'missing'"
     assert "failed: 'missing' (KeyError)" in kwf(stack, "result", f, code=6)
-    assert "error     \"'missing'\" (KeyError)" in kwf(stack, "describe", f)
+    described = kwf(stack, "describe", f)
+    assert "error     \"'missing'\" (KeyError)" in described
+    assert "traceback" in described and "cliwf.py" in described  # the workflow's own frame
+    assert 'return arg["missing"]' in failed["traceback"]
     r = stack.thread("refused")
     kwf(stack, "start", "approval", "--id", r, "--check", "60")
     kwf(stack, "start", "approval", "--id", r, "--init", "--input", '{"subject": "again"}',
