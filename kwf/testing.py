@@ -13,13 +13,17 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import replace
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from kwf.config import Settings
+from kwf.history import History, replay
 from kwf.journal import Journal
 from kwf.protocol import Incoming, ProtocolError, Record, Schedule, dead_letter, dumps, parse
 from kwf.registry import Registry, Workflow, WorkflowFn
 from kwf.thread import Context, ScheduleState, ThreadState
+
+if TYPE_CHECKING:
+    from kwf._timeline import Timeline
 
 __all__ = ["Engine", "Record", "run_flow"]
 
@@ -68,6 +72,7 @@ class Engine:
         self._handlers: dict[str, Handler] = {}
         self._inputs: list[Incoming] = []
         self._offsets: dict[str, itertools.count[int]] = {}
+        self._finished: dict[str, Journal] = {}
 
     # -- input ---------------------------------------------------------------------------
     def send(self, key: str | bytes | None, value: str | bytes | None, *,
@@ -175,6 +180,27 @@ class Engine:
         state = self.threads.get(key)
         return state.journal if state else None
 
+    def history(self, key: str) -> History:
+        """The thread's steps, replayed from its journal, with the outputs of each step.
+
+        A finished thread's journal is a tombstone; the Engine keeps the full journal it had
+        when it finished, so its history is whole here (the dataflow's store keeps only the
+        tombstone). ``LookupError`` if the thread never ran.
+        """
+        journal = self.journal(key)
+        if journal is None or journal.finished:
+            journal = self._finished.get(key, journal)
+        if journal is None:
+            msg = f"no thread {key!r} in this Engine"
+            raise LookupError(msg)
+        return replay(journal, self.registry.workflows.get(journal.workflow), self.settings)
+
+    def timeline(self, key: str) -> Timeline:
+        """A picture of the thread's life (SVG); Jupyter shows it inline. See ``history``."""
+        from kwf._timeline import Timeline
+
+        return Timeline(self.history(key), self.settings)
+
     def evict(self) -> None:
         """Drop every live instance: the next event of each thread rebuilds it by replay."""
         for state in self.threads.values():
@@ -228,7 +254,7 @@ class Engine:
                 continue
             thread = self.threads.get(key)
             if thread is None:
-                thread = self.threads[key] = ThreadState(key, self.ctx)
+                thread = self.threads[key] = _KeepingThread(key, self.ctx, self._finished)
             self._collect(thread.on_command(rec, command))
             if thread.journal is None:
                 del self.threads[key]
@@ -255,6 +281,20 @@ class Engine:
             answer = {"ref": ref, "value": answer}
         self._enqueue(self.settings.resume_topic, rec.header("kwf-thread") or rec.key,
                       dumps(answer), self.clock)
+
+
+class _KeepingThread(ThreadState):
+    """A thread that keeps a copy of its whole journal when it finishes, for ``history``."""
+
+    def __init__(self, key: str, ctx: Context, finished: dict[str, Journal]) -> None:
+        super().__init__(key, ctx)
+        self._kept = finished
+
+    def _stepped(self) -> None:
+        j = self.journal
+        if j is not None and j.finished:
+            self._kept[self.key] = replace(j, events=list(j.events), checks=list(j.checks))
+        super()._stepped()
 
 
 def run_flow(records: Sequence[tuple[str, str | bytes | None, str | bytes | None]

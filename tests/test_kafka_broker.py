@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -191,6 +192,8 @@ def test_cli_topics_create_and_check(
     assert code == 0 and "created 0 topics" in out
     code, out = run_cli("topics", "check")
     assert code == 0, out
+    code, out = run_cli("topics", "check", "--json")
+    assert code == 0 and json.loads(out)["topics"] == [*names.values(), output], out
 
 
 def test_cli_kafka_status_and_stop_when_not_running(
@@ -198,5 +201,7 @@ def test_cli_kafka_status_and_stop_when_not_running(
 ) -> None:
     code, out = run_cli("kafka", "status", "--home", str(tmp_path))
     assert code == cli.NOT_RUNNING and "not running" in out
+    code, out = run_cli("kafka", "status", "--home", str(tmp_path), "--json")
+    assert code == cli.NOT_RUNNING and json.loads(out)["running"] is False
     code, out = run_cli("kafka", "stop", "--home", str(tmp_path))
     assert code == 0 and "not running" in out

@@ -338,7 +338,7 @@ def test_kwf_send_refuses_a_start_without_json_before_any_broker() -> None:
     done = subprocess.run([sys.executable, "-m", "kwf.cli", "send", "t1", "init:approval:"],
                           env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert "not sent: no-json" in done.stdout
+    assert "not sent: no-json" in done.stderr  # errors go to stderr (kwf.cli.main)
 
 
 def test_the_engine_restores_a_format_1_snapshot_and_parks_its_thread(tmp_path: Path) -> None:

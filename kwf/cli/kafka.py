@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 
+from pathlib import Path
+
+from kwf.cli._kafka import NOT_RUNNING
 from kwf.config import Settings
 from kwf.engine.admin import check_brokers, ensure_topics, required_topics
 from kwf.kafka.broker import DEFAULT_PORT, KAFKA_VERSION, BrokerStatus, LocalBroker
 
-NOT_RUNNING = 3  # `status` exit code when stopped, as for LSB init scripts
 
 
 # -- kwf kafka start|stop|status|reset -------------------------------------------------------
@@ -29,6 +32,8 @@ def register_kafka(commands: argparse._SubParsersAction[argparse.ArgumentParser]
             "--home", help="state directory (default: $KWF_KAFKA_HOME or ./.kwf/kafka)"
         )
         action.set_defaults(handler=handler)
+        if name == "status":
+            action.add_argument("--json", action="store_true", help="print JSON")
         if name == "start":
             action.add_argument(
                 "--port", type=int, default=DEFAULT_PORT, help="client port (%(default)s)"
@@ -77,6 +82,10 @@ def kafka_stop(args: argparse.Namespace) -> int:
 
 def kafka_status(args: argparse.Namespace) -> int:
     status = _broker(args).status()
+    if args.json:
+        print(json.dumps({k: str(v) if isinstance(v, Path) else v
+                          for k, v in dataclasses.asdict(status).items()}))
+        return 0 if status.running else NOT_RUNNING
     if not status.running:
         print(f"Kafka is not running ({status.home})")
         return NOT_RUNNING
@@ -107,6 +116,7 @@ def register_topics(commands: argparse._SubParsersAction[argparse.ArgumentParser
     create.set_defaults(handler=topics_create)
     check = actions.add_parser("check", help="fail unless the brokers answer and all topics exist")
     check.add_argument("--timeout", type=float, default=10.0, help="seconds (%(default)s)")
+    check.add_argument("--json", action="store_true", help="print JSON")
     check.set_defaults(handler=topics_check)
     for action in (create, check):
         action.add_argument("--brokers", help="bootstrap servers (default: KWF_BROKERS)")
@@ -136,5 +146,8 @@ def topics_check(args: argparse.Namespace) -> int:
     settings = _settings(args)
     wanted = required_topics(settings, with_outputs=not args.no_workflows)
     check_brokers(settings.kafka_config(), wanted, timeout=args.timeout)
+    if args.json:
+        print(json.dumps({"brokers": settings.brokers, "topics": wanted}))
+        return 0
     print(f"ok: {settings.brokers} answers and has all {len(wanted)} topics")
     return 0
