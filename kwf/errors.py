@@ -30,7 +30,12 @@ class NonDeterminismError(RuntimeError):
 
     The workflow code changed (or reads something outside kwf's control) since the thread
     started; the thread is parked as ``failed`` rather than continued from a wrong state.
+    ``step`` is the step that diverged, when known (``kwf verify`` reports it).
     """
+
+    def __init__(self, msg: str, step: int | None = None) -> None:
+        super().__init__(msg)
+        self.step = step
 
 
 class WorkflowNotAvailable(RuntimeError):

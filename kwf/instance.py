@@ -324,7 +324,7 @@ class Instance:
                "wall clock, global random state or I/O instead of kwf.now()/kwf.random()?")
         msg = (f"thread {self.thread_id!r} step {self.step}: replay of {self.workflow.location} "
                f"diverged: {what}; {why}")
-        raise NonDeterminismError(msg)
+        raise NonDeterminismError(msg, self.step)
 
     # -- disposal --------------------------------------------------------------------------
     def _close_tasks(self) -> None:

@@ -19,6 +19,7 @@ from kwf.cli.demo import register_demo
 from kwf.cli.kafka import NOT_RUNNING, register_kafka, register_topics
 from kwf.cli.ops import register_ops
 from kwf.cli.up import register_run, register_up
+from kwf.cli.verify import register_verify
 from kwf.engine.admin import KafkaSetupError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -59,7 +60,8 @@ def _configure_logging(verbose: bool) -> None:
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
-    register_up, register_run, register_ops, register_kafka, register_topics, register_demo]
+    register_up, register_run, register_ops, register_kafka, register_topics, register_demo,
+    register_verify]
 """Top-level commands, in help order; `up` and `demo` register here too."""
 
 
