@@ -14,8 +14,9 @@
 """
 
 from kwf import config, registry
-from kwf.api import (Suspend, all, as_completed, cancel, first, gather, now, output, output_json,
-                     race, random, rng, step_id, suspend, thread_id, uuid4, wait)
+from kwf.api import (Suspend, all, as_completed, cancel, deprecate_patch, first, gather,
+                     journal_length, now, output, output_json, patched, race, random, rng,
+                     step_id, suspend, thread_id, uuid4, wait)
 from kwf.calls import CallTimeout, call
 from kwf.errors import NonDeterminismError, RemoteError, WorkflowNotAvailable
 from kwf.registry import workflow
@@ -31,11 +32,14 @@ __all__ = [
     "call",
     "cancel",
     "config",
+    "deprecate_patch",
     "first",
     "gather",
+    "journal_length",
     "now",
     "output",
     "output_json",
+    "patched",
     "race",
     "random",
     "registry",

@@ -23,8 +23,9 @@ if TYPE_CHECKING:
     from kwf.instance import Instance
 
 __all__ = [
-    "Suspend", "all", "as_completed", "cancel", "first", "gather", "now", "output", "output_json",
-    "race", "random", "step_id", "suspend", "thread_id", "uuid4", "wait",
+    "Suspend", "all", "as_completed", "cancel", "deprecate_patch", "first", "gather",
+    "journal_length", "now", "output", "output_json", "patched", "race", "random", "step_id",
+    "suspend", "thread_id", "uuid4", "wait",
 ]
 
 
@@ -121,6 +122,36 @@ def random() -> float:
 def uuid4() -> _uuid.UUID:
     """A version-4 UUID from the thread's seeded generator, identical on replay."""
     return _uuid.UUID(int=_instance("uuid4").rng.getrandbits(128), version=4)
+
+
+def patched(patch_id: str) -> bool:
+    """Whether this thread takes the new path of a change made while threads were in flight.
+
+    Wrap a change as ``if kwf.patched("id"): new else: old``. Running live, it is True and a
+    marker goes into the journal; replaying, it is True only where the journal has that marker
+    (from this step on), so a thread that passed here under the old code replays, and goes on,
+    on the old path. Once no live thread lacks the marker, retire the old path with
+    ``kwf.deprecate_patch`` (README: "Changing a workflow with threads in flight").
+    """
+    return _instance("patched").patched(patch_id)
+
+
+def deprecate_patch(patch_id: str) -> None:
+    """Retire ``kwf.patched(patch_id)``: the code now always takes the new path.
+
+    Live it records the marker, as ``patched`` would. A replay that reaches it without the
+    marker (a thread that took the old path) diverges, so ``kwf verify`` lists exactly the
+    threads that still need the old code.
+    """
+    _instance("deprecate_patch").deprecate_patch(patch_id)
+
+
+def journal_length() -> int:
+    """Events this run of the thread has applied (its journal's length), identical on replay.
+
+    Compare it with a budget to ``kwf.continue_as_new`` before ``KWF_MAX_JOURNAL_EVENTS``.
+    """
+    return _instance("journal_length").journal_length()
 
 
 def rng() -> _random.Random:

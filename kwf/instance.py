@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import time as _time
 import zlib
+from collections import Counter
 from typing import Any, Iterable
 
 import structlog
@@ -28,6 +29,9 @@ from kwf.protocol import Record, dumps, output_record
 from kwf.registry import Workflow
 
 log = structlog.get_logger("kwf.instance")
+
+counters: Counter[str] = Counter()
+"""Process-wide counts for metrics: ``journal_warnings`` (threads past KWF_JOURNAL_WARN_EVENTS)."""
 
 _CLOSE_ATTEMPTS = 100
 _UNCLOSABLE: list[Any] = []
@@ -67,6 +71,9 @@ class Instance:
         self._result: str | None = None
         self._error: tuple[str, str] | None = None  # a failure's message and traceback
         self._tasks_kept = 0
+        self._markers: dict[str, int] = {}
+        self._problem: str | None = None  # a replay divergence found inside workflow code
+        self._limit_error: Exception | None = None
         self.main = self.loop.create_task(workflow.fn(_fresh(journal.arg)), name=journal.thread)
         _UNDISPOSED.add(self)
 
@@ -142,6 +149,9 @@ class Instance:
         self.step += 1
         self._origin = origin
         self._begin(time)
+        if not self.replaying and len(self.journal.events) >= self.settings.max_journal_events:
+            self._over_limit()
+            return True
         if kind == RESUME:  # fresh copies: workflow code may mutate what it gets, not the journal
             future.set_result(_fresh(payload))  # type: ignore[union-attr]  # checked above
         elif kind == ERROR:
@@ -151,6 +161,15 @@ class Instance:
         else:
             self.main.cancel(payload)
         return True
+
+    def _over_limit(self) -> None:
+        """The journal is full: the thread fails (cleanup runs) instead of applying the event."""
+        self._limit_error = RuntimeError(
+            f"thread {self.thread_id!r}: its journal reached {len(self.journal.events)} events "
+            f"(KWF_MAX_JOURNAL_EVENTS={self.settings.max_journal_events}); a workflow that runs "
+            "indefinitely must call kwf.continue_as_new(state) every so many events, which "
+            "starts it again with a fresh journal")
+        self.main.cancel()
 
     def _begin(self, time: float) -> None:
         self.loop.set_time(time)
@@ -182,6 +201,14 @@ class Instance:
             j = self.journal
             if event is not None:
                 j.events.append(event)
+                if len(j.events) == self.settings.journal_warn_events:
+                    counters["journal_warnings"] += 1
+                    log.warning("journal_long", thread=self.thread_id, workflow=self.workflow.name,
+                                events=len(j.events), limit=self.settings.max_journal_events,
+                                hint="call kwf.continue_as_new(state) every so many events")
+            if self._markers:
+                j.patches.update(self._markers)
+                self._markers = {}
             j.checks.append(self._check())
             j.step, j.seq, j.time, j.status, j.timers, j.result = (
                 self.step, self.seq, self.loop.time(), self.status, timers, self._result)
@@ -198,10 +225,12 @@ class Instance:
         self.loop.run_until_idle()
         self._close_tasks()
         main = self.main
-        if main.cancelled():
+        error: BaseException | None = self._limit_error
+        if main.cancelled() and error is None:
             self.status = CANCELLED
             return
-        error = main.exception()
+        if error is None:
+            error = main.exception()
         if error is None:
             try:
                 value = dumps(main.result())
@@ -244,6 +273,30 @@ class Instance:
         future = _Future(loop=self.loop)
         self.pending[id] = future
         return Suspend(id, future)
+
+    def journal_length(self) -> int:
+        """Events this run has applied so far: the journal's length at this point of its history."""
+        return self.step - self.journal.base_step
+
+    def patched(self, patch_id: str) -> bool:
+        """True where the thread ran patch-aware code: live always (a marker is recorded), on
+        replay where the journal's marker is at or before this step."""
+        step = self.journal.patches.get(patch_id, self._markers.get(patch_id))
+        if step is not None:
+            return step <= self.step
+        if self.replaying:
+            return False
+        self._markers[patch_id] = self.step
+        return True
+
+    def deprecate_patch(self, patch_id: str) -> None:
+        """The code assumes the patch: a replay that reaches here without its marker diverges."""
+        if self.patched(patch_id) or self._problem is not None:
+            return
+        self._problem = (f"kwf.deprecate_patch({patch_id!r}) was reached, but this thread took "
+                         f"the old path at step {self.step} (its journal has no {patch_id!r} "
+                         f"marker there); keep kwf.patched({patch_id!r}) and its old branch until "
+                         "no such thread is live")
 
     def output(self, value: str | None, topic: str, key: str | None,
                headers: Iterable[tuple[str, str]] | None) -> None:
@@ -309,6 +362,8 @@ class Instance:
 
     # -- replay checks ---------------------------------------------------------------------
     def _verify(self, recorded: Check, what: str) -> None:
+        if self._problem is not None:
+            self._diverged(self._problem)
         if self._check() == recorded:
             return
         count, _, pending = recorded

@@ -70,6 +70,8 @@ class Journal:
     """The start's origin: the offset of the ``new:`` / ``init:`` record."""
     refused: str | None = None
     """Why this journal cannot be replayed (written by an older kwf); the engine parks it."""
+    patches: dict[str, int] = field(default_factory=dict)
+    """``kwf.patched`` markers: patch id -> the step that first ran the patch-aware code."""
 
     @property
     def finished(self) -> bool:
@@ -90,6 +92,7 @@ class Journal:
         self.events = []
         self.checks = []
         self.timers = ()
+        self.patches = {}
         self.expires = self.time + retention_s
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from kwf.cli import main
 from kwf.cli._store import read_journals
@@ -15,10 +17,18 @@ from kwf.engine.flow import run_flow
 from kwf.registry import Registry, load_modules
 
 load_modules(["workflows"])
+import evolve_workflows as ew  # noqa: E402  (at import: modules declare their topics then)
 from workflows import trip_booking  # noqa: E402  (registered by load_modules above)
 
 RESUME = Settings().resume_topic
 T0 = 1_700_000_000.0
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> Iterator[None]:
+    """``kwf.cli.main`` points structlog at this test's captured stderr: undo it afterwards."""
+    yield
+    structlog.reset_defaults()
 
 
 def _bench() -> object:
@@ -105,3 +115,40 @@ def test_the_benchmark_store_is_one_a_real_engine_resumes(tmp_path, capsys):
     assert sorted(r.topic for r in out if r.key == "bench-0" and "cancel" in r.topic) == [
         "saga-cancel-car", "saga-cancel-flight", "saga-cancel-hotel"]
     assert not [r for r in out if r.topic == Settings().dlq_topic]
+
+
+# -- the same edit, unpatched and patched ----------------------------------------------------------
+def greet_store(tmp_path: Path, *versions: object) -> Path:
+    """A store by a real engine: one thread in flight per version, each started by that version."""
+    store = tmp_path / "greet-recovery"
+    for i, fn in enumerate(versions):
+        run_flow([(RESUME, "pad", "cancel:", T0)] * i  # a resumed input skips what runs consumed
+                 + [(RESUME, f"greet-{i}", f'new:{ew.NAME}:"x"', T0)],
+                 workflows=[fn], recovery_dir=store)  # type: ignore[list-item]
+    return store
+
+
+@pytest.mark.parametrize("today,code", [("v2_unsafe", 1), ("v2", 0), ("v4", 1)])
+def test_verify_fails_an_unpatched_edit_and_passes_it_made_with_patched(tmp_path, capsys,
+                                                                       monkeypatch, today, code):
+    from kwf import registry
+
+    store = greet_store(tmp_path, ew.v1, ew.v1)
+    monkeypatch.setitem(registry._REGISTERED, ew.NAME, getattr(ew, today).__kwf_workflow__)
+    assert main(["verify", "--recovery", str(store), "--workflows", "evolve_workflows",
+                 "-j", "2"]) == code
+    out = capsys.readouterr().out
+    assert "2 live threads checked" in out
+    assert out.count("DIVERGED") == (2 if code else 0)
+    if today == "v4":
+        assert "took the old path at step 0" in out
+
+
+def test_verify_passes_a_deprecated_patch_once_every_live_thread_has_its_marker(
+        tmp_path, capsys, monkeypatch):
+    from kwf import registry
+
+    store = greet_store(tmp_path, ew.v2, ew.v2)
+    monkeypatch.setitem(registry._REGISTERED, ew.NAME, ew.v4.__kwf_workflow__)
+    assert main(["verify", "--recovery", str(store), "--workflows", "evolve_workflows"]) == 0
+    assert "2 live threads checked" in capsys.readouterr().out

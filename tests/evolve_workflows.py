@@ -1,0 +1,66 @@
+"""Workflows for the evolve tests: one workflow, ``evolve-greet``, in the versions a team would deploy.
+
+``v1`` is the original. ``v2_unsafe`` adds an audit record at the start, an edit that threads
+in flight cannot replay. ``v2`` makes the same edit behind ``kwf.patched("audit")``. ``v3`` adds
+a second patch after the wait, which an old thread meets live for the first time. ``v4`` retires
+the ``audit`` patch with ``kwf.deprecate_patch``. Every version registers under the same name;
+the last decorated (``v2``) is what ``KWF_WORKFLOWS=evolve_workflows`` serves, as if it were the
+code of today; tests choose another by replacing the registry entry.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kwf
+
+TOPIC = "evolve-greet-out"
+NAME = "evolve-greet"
+kwf.config.output_topics |= {TOPIC}
+
+
+@kwf.workflow(NAME)
+async def v1(arg: Any) -> dict[str, Any]:
+    kwf.output_json({"hello": arg}, TOPIC)
+    name = await kwf.suspend("name")
+    return {"name": name, "audited": False}
+
+
+@kwf.workflow(NAME)
+async def v2_unsafe(arg: Any) -> dict[str, Any]:
+    kwf.output_json({"audit": arg}, TOPIC)
+    kwf.output_json({"hello": arg}, TOPIC)
+    name = await kwf.suspend("name")
+    return {"name": name, "audited": True}
+
+
+@kwf.workflow(NAME)
+async def v3(arg: Any) -> dict[str, Any]:
+    audited = kwf.patched("audit")
+    if audited:
+        kwf.output_json({"audit": arg}, TOPIC)
+    kwf.output_json({"hello": arg}, TOPIC)
+    name = await kwf.suspend("name")
+    if kwf.patched("shout"):
+        name = str(name).upper()
+    await kwf.suspend("done")
+    return {"name": name, "audited": audited}
+
+
+@kwf.workflow(NAME)
+async def v4(arg: Any) -> dict[str, Any]:
+    kwf.deprecate_patch("audit")
+    kwf.output_json({"audit": arg}, TOPIC)
+    kwf.output_json({"hello": arg}, TOPIC)
+    name = await kwf.suspend("name")
+    return {"name": name, "audited": True}
+
+
+@kwf.workflow(NAME)
+async def v2(arg: Any) -> dict[str, Any]:
+    audited = kwf.patched("audit")
+    if audited:
+        kwf.output_json({"audit": arg}, TOPIC)
+    kwf.output_json({"hello": arg}, TOPIC)
+    name = await kwf.suspend("name")
+    return {"name": name, "audited": audited}
