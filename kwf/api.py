@@ -14,8 +14,10 @@ import uuid as _uuid
 from asyncio import events
 from datetime import datetime, timezone
 from functools import partial
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Generator, Iterable, Sequence
+from typing import (TYPE_CHECKING, Any, AsyncIterator, Awaitable, Generator, Iterable, NoReturn,
+                    Sequence)
 
+from kwf.errors import ContinueAsNew
 from kwf.loop import WorkflowLoop, _Future
 from kwf.protocol import dumps
 
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
     from kwf.instance import Instance
 
 __all__ = [
-    "Suspend", "all", "as_completed", "cancel", "deprecate_patch", "first", "gather",
+    "Suspend", "all", "as_completed", "cancel", "continue_as_new", "deprecate_patch", "first", "gather",
     "journal_length", "now", "output", "output_json", "patched", "race", "random", "step_id",
     "suspend", "thread_id", "uuid4", "wait",
 ]
@@ -144,6 +146,20 @@ def deprecate_patch(patch_id: str) -> None:
     threads that still need the old code.
     """
     _instance("deprecate_patch").deprecate_patch(patch_id)
+
+
+def continue_as_new(arg: Any, workflow: str | None = None) -> NoReturn:
+    """End this run and start the thread again with ``arg``, a fresh journal, in this step.
+
+    Raises ``kwf.ContinueAsNew`` (a ``BaseException``, like ``sys.exit``), so code after the
+    call never runs. Every task still running is cancelled and its cleanup runs (outputs made
+    then are sent); suspends and timers of this run are dropped, so a resume for one of them
+    arriving later is stale and ignored, unless the new run waits on the same named channel.
+    The thread id, the step numbers and ``kwf-seq`` continue; ``workflow`` (default: the same)
+    names the workflow of the new run. ``TypeError`` here, at the call, if ``arg`` is not JSON.
+    """
+    _instance("continue_as_new").continue_as_new(arg, workflow)
+    raise ContinueAsNew(arg, workflow)
 
 
 def journal_length() -> int:

@@ -38,5 +38,18 @@ class NonDeterminismError(RuntimeError):
         self.step = step
 
 
+class ContinueAsNew(BaseException):  # noqa: N818 - named for what it does, as SystemExit is
+    """Raised by ``kwf.continue_as_new``: the run ends and a new one starts with ``arg``.
+
+    A ``BaseException``, as ``SystemExit`` is, so that ``except Exception`` in workflow code lets
+    it through; the run ends even if code catches it, since the call itself is what counts.
+    """
+
+    def __init__(self, arg: Any, workflow: str | None) -> None:
+        super().__init__(workflow)
+        self.arg = arg
+        self.workflow = workflow
+
+
 class WorkflowNotAvailable(RuntimeError):
     """Workflow code asked for something a deterministic workflow cannot have (I/O, threads)."""

@@ -10,6 +10,7 @@ a wrong state. It never talks to Kafka and never reads the wall clock.
 
 from __future__ import annotations
 
+import json
 import random
 import time as _time
 import zlib
@@ -22,11 +23,11 @@ from kwf import config, observe
 from kwf.api import Suspend
 from kwf.config import Settings
 from kwf.errors import NonDeterminismError, RemoteError
-from kwf.journal import (CANCELLED, COMPLETED, ERROR, FAILED, RESUME, RUNNING, TIMER,
+from kwf.journal import (CANCELLED, COMPLETED, CONTINUED, ERROR, FAILED, RESUME, RUNNING, TIMER,
                          Check, Event, Journal)
 from kwf.loop import WorkflowLoop, _Future
 from kwf.protocol import Record, dumps, output_record
-from kwf.registry import Workflow
+from kwf.registry import Workflow, check_name
 
 log = structlog.get_logger("kwf.instance")
 
@@ -74,6 +75,8 @@ class Instance:
         self._markers: dict[str, int] = {}
         self._problem: str | None = None  # a replay divergence found inside workflow code
         self._limit_error: Exception | None = None
+        self.continued: tuple[Any, str | None] | None = None
+        """``kwf.continue_as_new(arg, workflow)`` was called: the new run's argument and workflow."""
         self.main = self.loop.create_task(workflow.fn(_fresh(journal.arg)), name=journal.thread)
         _UNDISPOSED.add(self)
 
@@ -181,7 +184,7 @@ class Instance:
 
     def _commit(self, event: Event | None) -> list[Record]:
         """End the step: finish if main ended, tidy, emit the status record, journal the step."""
-        if self.main.done() and self.status == RUNNING:
+        if self.status == RUNNING and (self.main.done() or self.continued is not None):
             self._finish()
         pending = self.pending
         for settled in [k for k, f in pending.items() if f.done()]:
@@ -218,12 +221,21 @@ class Instance:
         return (self._count, self._crc, tuple(self.pending))
 
     def _finish(self) -> None:
-        """Main ended: cancel what it left running, close the rest, then send the result."""
+        """Main ended: cancel what it left running, close the rest, then send the result.
+
+        A run that continues as new has every task cancelled, main too if it caught the
+        exception: their cleanup runs in this step, then the thread starts its new run.
+        """
         for task in self.loop.tasks:
-            if task is not self.main and not task.done():
+            if (task is not self.main or self.continued is not None) and not task.done():
                 task.cancel()
         self.loop.run_until_idle()
         self._close_tasks()
+        if self.continued is not None:
+            if self.main.done() and not self.main.cancelled():
+                self.main.exception()  # retrieved: ContinueAsNew is how the run ended
+            self.status = CONTINUED
+            return
         main = self.main
         error: BaseException | None = self._limit_error
         if main.cancelled() and error is None:
@@ -273,6 +285,22 @@ class Instance:
         future = _Future(loop=self.loop)
         self.pending[id] = future
         return Suspend(id, future)
+
+    def continue_as_new(self, arg: Any, workflow: str | None) -> None:
+        """Check and keep the new run's start; the caller raises ``ContinueAsNew``."""
+        try:
+            text = dumps(arg)
+        except (TypeError, ValueError, RecursionError) as e:
+            msg = f"kwf.continue_as_new: the argument is not JSON ({e}); pass the state as JSON"
+            raise TypeError(msg) from None
+        if len(text) > self.settings.max_payload_bytes:
+            msg = (f"kwf.continue_as_new: the argument is {len(text)} bytes of JSON, over "
+                   "KWF_MAX_PAYLOAD_BYTES; carry a reference to the data instead")
+            raise ValueError(msg)
+        if workflow is not None:
+            check_name(workflow)
+        if self.continued is None:
+            self.continued = (json.loads(text), workflow)
 
     def journal_length(self) -> int:
         """Events this run has applied so far: the journal's length at this point of its history."""

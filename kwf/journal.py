@@ -33,6 +33,9 @@ FORMAT = 2
 """2: steps carry their origin (suspend ids from Kafka offsets). 1: ids from step numbers."""
 
 RUNNING, COMPLETED, FAILED, CANCELLED = "running", "completed", "failed", "cancelled"
+CONTINUED = "continued"
+"""A run that called ``kwf.continue_as_new``: only ever seen in the status record of its last
+step, since the thread's journal is replaced by the new run's in that same step."""
 
 # Event kinds, stored as the first item of each event tuple.
 RESUME, ERROR, TIMER, CANCEL = "resume", "error", "timer", "cancel"

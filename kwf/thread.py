@@ -20,12 +20,16 @@ from kwf import observe
 from kwf.config import Settings
 from kwf.errors import NonDeterminismError
 from kwf.instance import Instance
-from kwf.journal import CANCEL, ERROR, FAILED, RESUME, TIMER, Event, Journal, decode, encode
+from kwf.journal import (CANCEL, CONTINUED, ERROR, FAILED, RESUME, TIMER, Event, Journal, decode,
+                         encode)
 from kwf.protocol import (Cancel, Command, Incoming, Record, Resume, Schedule, Start,
                           dead_letter, dumps, output_record)
 from kwf.registry import Registry, UnknownWorkflow
 
 log = structlog.get_logger("kwf.thread")
+
+_MAX_CONTINUE_CHAIN = 100
+"""Runs that may continue as new in their very first step, one after the other, in one step."""
 
 
 class LiveCache:
@@ -172,8 +176,8 @@ class ThreadState:
             log.info("stale_record_ignored", thread=self.key, ref=getattr(cmd, "ref", None),
                      source=rec.source)
             return
-        self._stepped()
         out += records
+        self._stepped(out)
         self._fire_due(time, out)
 
     def on_timer(self, now: float) -> list[Record]:
@@ -223,8 +227,8 @@ class ThreadState:
         observe.stats.thread_started(workflow.name)
         self.evict()
         self.journal, self.instance, self._blocked = journal, instance, False
-        self._stepped()
         out += records
+        self._stepped(out)
         self._fire_due(time, out)
 
     def _fire_due(self, now: float, out: list[Record]) -> None:
@@ -241,7 +245,7 @@ class ThreadState:
                 raise RuntimeError(msg)
             observe.stats.timer_fired(due)
             out += records
-            self._stepped()
+            self._stepped(out)
 
     # -- the live instance ---------------------------------------------------------------------
     def _live(self) -> Instance:
@@ -290,17 +294,55 @@ class ThreadState:
                                          step=j.step, time=j.time, extra=extra))
         return records
 
-    def _stepped(self) -> None:
-        """After a step: a finished thread becomes a tombstone, its instance disposed."""
+    def _stepped(self, out: list[Record], chain: int = 0) -> None:
+        """After a step: a run that continued as new is replaced by its new run (whose start
+        step's records go to ``out``); a finished thread becomes a tombstone, its instance
+        disposed."""
         j, instance = self.journal, self.instance
         assert j is not None and instance is not None
-        if j.finished:
+        if j.status == CONTINUED:
+            self._continue(instance, out, chain)
+        elif j.finished:
             instance.dispose()
             self.instance = None
             self.ctx.cache.forget(self)
             j.to_tombstone(self.ctx.settings.tombstone_retention_s)
             self.ctx.tombstones += 1
             observe.stats.thread_ended(j.workflow, j.status)
+
+    def _continue(self, ended: Instance, out: list[Record], chain: int) -> None:
+        """Start the new run of a thread whose run called ``kwf.continue_as_new``, in this step.
+
+        The old journal is replaced by a fresh one (step and ``kwf-seq`` continue), so a
+        snapshot holds either the old run before the record that made it continue, or the new
+        run after it: nothing is lost or applied twice.
+        """
+        old = self.journal
+        assert old is not None and ended.continued is not None
+        arg, name = ended.continued
+        ended.dispose()
+        self.instance = None
+        self.ctx.cache.forget(self)
+        try:
+            workflow = self.ctx.registry.resolve(name or old.workflow)
+        except UnknownWorkflow as e:
+            out += self._park(f"kwf.continue_as_new: {e}", "UnknownWorkflow")
+            return
+        if chain >= _MAX_CONTINUE_CHAIN:
+            out += self._park(f"the run continued as new {chain} times in a row in its first "
+                              "step; a run must wait for something before it continues",
+                              "ContinueAsNew")
+            return
+        journal = Journal(thread=self.key, workflow=workflow.name,
+                          fingerprint=workflow.fingerprint, arg=arg, started=old.time,
+                          base_step=old.step + 1, base_seq=old.seq,
+                          origin=old.timer_origin())  # ids never met by the old run's
+        log.info("continued_as_new", thread=self.key, workflow=workflow.name,
+                 previous_workflow=old.workflow, step=journal.base_step, events=len(old.events))
+        instance, records = Instance.start(workflow, journal, self.ctx.settings)
+        self.journal, self.instance = journal, instance
+        out += records
+        self._stepped(out, chain + 1)
 
     def _bound(self) -> None:
         """After a record or timer: a live instance counts against the live-instance budget.
