@@ -1,4 +1,5 @@
-"""Workflows for the evolve tests: one workflow, ``evolve-greet``, in the versions a team would deploy.
+"""Workflows for the evolve tests: ``evolve-tally`` (continues as new), and ``evolve-greet`` in the
+versions a team would deploy.
 
 ``v1`` is the original. ``v2_unsafe`` adds an audit record at the start, an edit that threads
 in flight cannot replay. ``v2`` makes the same edit behind ``kwf.patched("audit")``. ``v3`` adds
@@ -10,13 +11,36 @@ code of today; tests choose another by replacing the registry entry.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import kwf
 
-TOPIC = "evolve-greet-out"
+PREFIX = os.environ.get("KWF_TEST_PREFIX", "evolve")
+"""The Kafka tests load this module in an engine subprocess with a unique prefix per test."""
+TOPIC = f"{PREFIX}-greet-out"
+TALLY_TOPIC = f"{PREFIX}-tally-out"
 NAME = "evolve-greet"
-kwf.config.output_topics |= {TOPIC}
+kwf.config.output_topics |= {TOPIC, TALLY_TOPIC}
+
+
+def topic_names(prefix: str) -> dict[str, str]:
+    """The user topics of these workflows for a given ``KWF_TEST_PREFIX``."""
+    return {"greet": f"{prefix}-greet-out", "tally": f"{prefix}-tally-out"}
+
+
+@kwf.workflow("evolve-tally")
+async def tally(arg: Any) -> int:
+    """Count values on "add" until "stop", continuing as new every ``every`` events."""
+    n, every = int(arg.get("n", 0)), int(arg.get("every", 3))
+    while True:
+        if kwf.journal_length() >= every:
+            kwf.continue_as_new({"n": n, "every": every})
+        value = await kwf.suspend("add")
+        if value == "stop":
+            return n
+        n += 1
+        kwf.output_json({"n": n, "v": value}, TALLY_TOPIC)
 
 
 @kwf.workflow(NAME)
