@@ -14,15 +14,16 @@
 """
 
 from kwf import config, registry
-from kwf.api import (Suspend, all, as_completed, cancel, continue_as_new, deprecate_patch, first, gather,
+from kwf.api import (Suspend, all, as_completed, cancel, child, continue_as_new, deprecate_patch, first, gather,
                      journal_length, now, output, output_json, patched, race, random, rng,
-                     step_id, suspend, thread_id, uuid4, wait)
+                     start_child, step_id, suspend, thread_id, uuid4, wait)
 from kwf.calls import CallTimeout, call
-from kwf.errors import ContinueAsNew, NonDeterminismError, RemoteError, WorkflowNotAvailable
+from kwf.errors import ChildFailed, ContinueAsNew, NonDeterminismError, RemoteError, WorkflowNotAvailable
 from kwf.registry import workflow
 
 __all__ = [
     "CallTimeout",
+    "ChildFailed",
     "ContinueAsNew",
     "NonDeterminismError",
     "RemoteError",
@@ -32,6 +33,7 @@ __all__ = [
     "as_completed",
     "call",
     "cancel",
+    "child",
     "config",
     "continue_as_new",
     "deprecate_patch",
@@ -46,6 +48,7 @@ __all__ = [
     "random",
     "registry",
     "rng",
+    "start_child",
     "step_id",
     "suspend",
     "thread_id",

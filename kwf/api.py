@@ -17,7 +17,7 @@ from functools import partial
 from typing import (TYPE_CHECKING, Any, AsyncIterator, Awaitable, Generator, Iterable, NoReturn,
                     Sequence)
 
-from kwf.errors import ContinueAsNew
+from kwf.errors import ChildFailed, ContinueAsNew, RemoteError
 from kwf.loop import WorkflowLoop, _Future
 from kwf.protocol import dumps
 
@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from kwf.instance import Instance
 
 __all__ = [
-    "Suspend", "all", "as_completed", "cancel", "continue_as_new", "deprecate_patch", "first", "gather",
-    "journal_length", "now", "output", "output_json", "patched", "race", "random", "step_id",
+    "Suspend", "all", "as_completed", "cancel", "child", "continue_as_new", "deprecate_patch", "first", "gather",
+    "journal_length", "now", "output", "output_json", "patched", "race", "random", "start_child", "step_id",
     "suspend", "thread_id", "uuid4", "wait",
 ]
 
@@ -160,6 +160,43 @@ def continue_as_new(arg: Any, workflow: str | None = None) -> NoReturn:
     """
     _instance("continue_as_new").continue_as_new(arg, workflow)
     raise ContinueAsNew(arg, workflow)
+
+
+def child(workflow: str, arg: Any = None, *, id: str | None = None) -> asyncio.Task[Any]:
+    """Start a child workflow and get a task for its result; ``await`` it, or pass it to combinators.
+
+    The start goes through ``workflow-resume`` (a ``child:`` record, idempotent), so the child
+    may run on another worker or process; its id is ``"<this thread>/<suspend id>"`` unless
+    given. The task returns the child's result, or raises ``kwf.ChildFailed`` when the child
+    failed, was cancelled, or its start was refused (unknown workflow, id already used by
+    another thread). Cancelling the task cancels the child (``cancel:``; its compensations
+    run there); so does this thread ending while the child runs. ``TypeError`` here, at the
+    call, if ``arg`` is not JSON.
+    """
+    inst = _instance("child")
+    child_id, ref = inst.start_child(workflow, arg, id, awaited=True)
+    assert ref is not None
+    return inst.loop.create_task(_child_result(inst, ref, workflow, child_id),
+                                 name=f"child {child_id}")
+
+
+async def _child_result(inst: Instance, ref: Suspend, workflow: str, child_id: str) -> Any:
+    try:
+        return await ref
+    except RemoteError as e:
+        raise ChildFailed.from_payload(child_id, workflow, e.payload) from None
+    except asyncio.CancelledError:
+        inst.cancel_child(child_id)
+        raise
+
+
+def start_child(workflow: str, arg: Any = None, *, id: str | None = None) -> str:
+    """Start a child workflow and forget it (fire and forget); returns its thread id.
+
+    Like ``kwf.child``, but nothing waits for its end and it outlives this thread; the link
+    to this thread shows in the child's status.
+    """
+    return _instance("start_child").start_child(workflow, arg, id, awaited=False)[0]
 
 
 def journal_length() -> int:

@@ -38,6 +38,25 @@ class NonDeterminismError(RuntimeError):
         self.step = step
 
 
+class ChildFailed(Exception):
+    """Raised at ``await kwf.child(...)`` when the child did not complete.
+
+    ``status`` is ``"failed"`` (its error text in ``error``), ``"cancelled"``, or ``"refused"``
+    (the start was refused: unknown workflow, or ``child`` id already used by another thread).
+    """
+
+    def __init__(self, child: str, workflow: str, status: str, error: str) -> None:
+        super().__init__(f"child workflow {workflow!r} (thread {child!r}) {status}: {error}")
+        self.child, self.workflow, self.status, self.error = child, workflow, status, error
+
+    @classmethod
+    def from_payload(cls, child: str, workflow: str, payload: Any) -> ChildFailed:
+        """From the error a child (or the engine refusing it) sent to the parent's ref."""
+        if isinstance(payload, dict) and isinstance(payload.get("status"), str):
+            return cls(child, workflow, payload["status"], str(payload.get("error", "")))
+        return cls(child, workflow, "failed", str(RemoteError(payload)))
+
+
 class ContinueAsNew(BaseException):  # noqa: N818 - named for what it does, as SystemExit is
     """Raised by ``kwf.continue_as_new``: the run ends and a new one starts with ``arg``.
 

@@ -26,7 +26,7 @@ from kwf.errors import NonDeterminismError, RemoteError
 from kwf.journal import (CANCELLED, COMPLETED, CONTINUED, ERROR, FAILED, RESUME, RUNNING, TIMER,
                          Check, Event, Journal)
 from kwf.loop import WorkflowLoop, _Future
-from kwf.protocol import Record, dumps, output_record
+from kwf.protocol import MAX_KEY_BYTES, Record, child_value, dumps, output_record
 from kwf.registry import Workflow, check_name
 
 log = structlog.get_logger("kwf.instance")
@@ -75,6 +75,8 @@ class Instance:
         self._markers: dict[str, int] = {}
         self._problem: str | None = None  # a replay divergence found inside workflow code
         self._limit_error: Exception | None = None
+        self.children: dict[str, str] = {}
+        """Children awaited: the parent's ref -> the child's thread id (shown in the status)."""
         self.continued: tuple[Any, str | None] | None = None
         """``kwf.continue_as_new(arg, workflow)`` was called: the new run's argument and workflow."""
         self.main = self.loop.create_task(workflow.fn(_fresh(journal.arg)), name=journal.thread)
@@ -189,6 +191,7 @@ class Instance:
         pending = self.pending
         for settled in [k for k, f in pending.items() if f.done()]:
             del pending[settled]
+            self.children.pop(settled, None)
         loop = self.loop
         if len(loop.tasks) > 2 * self._tasks_kept + 4:  # tidy now and then, not every step
             loop.tasks = [t for t in loop.tasks if not t.done()]
@@ -240,6 +243,7 @@ class Instance:
         error: BaseException | None = self._limit_error
         if main.cancelled() and error is None:
             self.status = CANCELLED
+            self._notify_parent(error="the thread was cancelled")
             return
         if error is None:
             error = main.exception()
@@ -256,6 +260,7 @@ class Instance:
             self.status = COMPLETED
             self._result = value
             self._emit(self.settings.result_topic, self.thread_id, value)
+            self._notify_parent(value=value)
             return
         self.status = FAILED
         message = str(error)[:10_000]  # an error text must not be refused by Kafka
@@ -264,18 +269,24 @@ class Instance:
         self._error = (message, trace)
         self._emit(self.settings.error_topic, self.thread_id, text,
                    (("kwf-error-type", type(error).__qualname__), ("kwf-traceback", trace)))
+        self._notify_parent(error=str(error)[:10_000])
         log.info("workflow_failed", thread=self.thread_id, workflow=self.workflow.name,
                  step=self.step, error=message, error_type=type(error).__qualname__,
                  traceback=trace)
 
     # -- what workflow code calls ----------------------------------------------------------
-    def suspend(self, id: str | None) -> Suspend:
-        if id is None:  # skipping any a named suspend already holds
+    def _auto_id(self) -> str:
+        """The next deterministic id of this step, skipping any a named suspend holds."""
+        self._n += 1
+        id = f"{self._origin}:{self._n}"
+        while id in self.pending and not self.pending[id].done():
             self._n += 1
             id = f"{self._origin}:{self._n}"
-            while id in self.pending and not self.pending[id].done():
-                self._n += 1
-                id = f"{self._origin}:{self._n}"
+        return id
+
+    def suspend(self, id: str | None) -> Suspend:
+        if id is None:
+            id = self._auto_id()
         else:
             previous = self.pending.get(id)
             if previous is not None and not previous.done():
@@ -301,6 +312,50 @@ class Instance:
             check_name(workflow)
         if self.continued is None:
             self.continued = (json.loads(text), workflow)
+
+    def _notify_parent(self, *, value: str | None = None, error: str | None = None) -> None:
+        """A child that ends sends its result, or why it did not complete, to its parent's ref."""
+        link = self.journal.parent
+        if link is None or link[1] is None:
+            return
+        parent, ref = link
+        if error is None:
+            text = f'{{"ref":{dumps(ref)},"value":{value}}}'
+        else:
+            text = dumps({"ref": ref, "error": {
+                "child": self.thread_id, "workflow": self.workflow.name, "status": self.status,
+                "error": error}})
+        self._emit(self.settings.resume_topic, parent, text)
+
+    def start_child(self, name: str, arg: Any, id: str | None, awaited: bool) -> tuple[str, Suspend | None]:
+        """Write a ``child:`` start; the child's id and, if awaited, the suspend for its end."""
+        try:
+            dumps(arg)
+        except (TypeError, ValueError, RecursionError) as e:
+            msg = f"kwf.child({name!r}): the argument is not JSON ({e})"
+            raise TypeError(msg) from None
+        check_name(name)
+        if id is not None and not (isinstance(id, str) and id):
+            msg = f"kwf.child({name!r}): id must be a non-empty string, got {id!r}"
+            raise ValueError(msg)
+        ref = self.suspend(None) if awaited else None
+        child_id = id or f"{self.thread_id}/{ref.id if ref is not None else self._auto_id()}"
+        value = child_value(name, arg, self.thread_id, ref.id if ref is not None else None)
+        size = len(value.encode()) + len(child_id.encode())
+        if size > self.settings.max_payload_bytes or len(child_id.encode()) > MAX_KEY_BYTES:
+            if ref is not None:
+                ref._future.cancel()
+            msg = (f"kwf.child({name!r}): the start record is {size} bytes (or the id is over "
+                   f"{MAX_KEY_BYTES} bytes), over KWF_MAX_PAYLOAD_BYTES; pass a reference")
+            raise ValueError(msg)
+        self._emit(self.settings.resume_topic, child_id, value)
+        if ref is not None:
+            self.children[ref.id] = child_id
+        return child_id, ref
+
+    def cancel_child(self, child_id: str) -> None:
+        """Cancel a child: ``cancel:`` to its thread (its compensations run there)."""
+        self._emit(self.settings.resume_topic, child_id, "cancel:")
 
     def journal_length(self) -> int:
         """Events this run has applied so far: the journal's length at this point of its history."""
@@ -377,7 +432,7 @@ class Instance:
 
     def _status_json(self, timers: tuple[float, ...], error: str | None = None,
                      trace: str | None = None) -> str:
-        status = {
+        status: dict[str, Any] = {
             "thread": self.thread_id, "workflow": self.workflow.name, "status": self.status,
             "step": self.step, "pending": list(self.pending) if self.status == RUNNING else [],
             "timers": list(timers), "updated": self.loop.time(),
@@ -386,6 +441,10 @@ class Instance:
             status["error"] = error
         if trace is not None:
             status["traceback"] = trace
+        if self.journal.parent is not None:  # only then: other threads' records are unchanged
+            status["parent"] = {"thread": self.journal.parent[0], "ref": self.journal.parent[1]}
+        if self.children and self.status == RUNNING:
+            status["children"] = dict(self.children)
         return dumps(status, flat=True)
 
     # -- replay checks ---------------------------------------------------------------------

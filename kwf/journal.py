@@ -73,6 +73,8 @@ class Journal:
     """The start's origin: the offset of the ``new:`` / ``init:`` record."""
     refused: str | None = None
     """Why this journal cannot be replayed (written by an older kwf); the engine parks it."""
+    parent: tuple[str, str | None] | None = None
+    """A child's parent thread and the ref its end is sent to (None: nobody waits)."""
     patches: dict[str, int] = field(default_factory=dict)
     """``kwf.patched`` markers: patch id -> the step that first ran the patch-aware code."""
 

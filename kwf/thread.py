@@ -22,7 +22,7 @@ from kwf.errors import NonDeterminismError
 from kwf.instance import Instance
 from kwf.journal import (CANCEL, CONTINUED, ERROR, FAILED, RESUME, TIMER, Event, Journal, decode,
                          encode)
-from kwf.protocol import (Cancel, Command, Incoming, Record, Resume, Schedule, Start,
+from kwf.protocol import (Cancel, Command, Incoming, Record, Resume, Schedule, Start, StartChild,
                           dead_letter, dumps, output_record)
 from kwf.registry import Registry, UnknownWorkflow
 
@@ -140,6 +140,8 @@ class ThreadState:
 
     def _on_command(self, rec: Incoming, cmd: Command, out: list[Record]) -> None:
         j, dlq = self.journal, self.ctx.settings.dlq_topic
+        if isinstance(cmd, StartChild) and self._refuse_child(rec, cmd, out):
+            return
         if j is None and not isinstance(cmd, Start):
             out.append(dead_letter(rec, dlq, f"unknown-thread: no thread {self.key!r}; start "
                                              "it with new: or init:, or check the key"))
@@ -215,7 +217,7 @@ class ThreadState:
             thread=self.key, workflow=workflow.name, fingerprint=workflow.fingerprint,
             arg=cmd.arg, started=max(time, old.time) if old else time,
             base_step=old.step + 1 if old else 0, base_seq=old.seq if old else 0,
-            origin=str(rec.offset))
+            origin=str(rec.offset), parent=cmd.link if isinstance(cmd, StartChild) else None)
         instance, records = Instance.start(workflow, journal, self.ctx.settings)
         # Only now, the new thread being whole, is the old one replaced.
         if old is not None and not old.finished:
@@ -230,6 +232,32 @@ class ThreadState:
         out += records
         self._stepped(out)
         self._fire_due(time, out)
+
+    def _refuse_child(self, rec: Incoming, cmd: StartChild, out: list[Record]) -> bool:
+        """Whether a ``child:`` start is not to run: a repeat of this child (ignored), or
+        refused (another thread holds the id, or the workflow is unknown: dead-lettered, and
+        the parent's await fails saying why)."""
+        j = self.journal
+        if j is not None and j.workflow == cmd.workflow and j.parent == cmd.link:
+            log.info("child_start_repeated", thread=self.key, parent=cmd.parent)
+            return True
+        if j is not None:
+            holder = f"for parent {j.parent[0]!r}" if j.parent else "started directly"
+            reason = (f"child id {self.key!r} is already thread of workflow {j.workflow!r} "
+                      f"({holder}, {j.status}); give kwf.child another id")
+        else:
+            try:
+                self.ctx.registry.resolve(cmd.workflow)
+                return False
+            except UnknownWorkflow as e:
+                reason = str(e)
+        s = self.ctx.settings
+        out.append(dead_letter(rec, s.dlq_topic, f"child-refused: {reason}"))
+        if cmd.ref is not None:
+            out.append(Record(s.resume_topic, cmd.parent, dumps({"ref": cmd.ref, "error": {
+                "child": self.key, "workflow": cmd.workflow, "status": "refused",
+                "error": reason}}), (("kwf-child", self.key),), rec.timestamp))
+        return True
 
     def _fire_due(self, now: float, out: list[Record]) -> None:
         """Fire due timers, one step per due time, adding each step's records as it commits."""
@@ -286,11 +314,15 @@ class ThreadState:
                         "step": j.step, "pending": [], "timers": [], "updated": j.time,
                         "error": reason})
         records = []
-        for topic, value, extra in ((s.error_topic, j.result,
-                                     (("kwf-error-type", error_type),)),
-                                    (s.events_topic, status, ())):
+        outputs: list[tuple[str, str, str | None, tuple[tuple[str, str], ...]]] = [
+            (s.error_topic, self.key, j.result, (("kwf-error-type", error_type),)),
+            (s.events_topic, self.key, status, ())]
+        if j.parent is not None and j.parent[1] is not None:  # its parent waits: tell it
+            outputs.append((s.resume_topic, j.parent[0], dumps({"ref": j.parent[1], "error": {
+                "child": self.key, "workflow": j.workflow, "status": FAILED, "error": reason}}), ()))
+        for topic, key, value, extra in outputs:
             j.seq += 1
-            records.append(output_record(topic, self.key, value, thread=self.key, seq=j.seq,
+            records.append(output_record(topic, key, value, thread=self.key, seq=j.seq,
                                          step=j.step, time=j.time, extra=extra))
         return records
 
@@ -335,7 +367,7 @@ class ThreadState:
             return
         journal = Journal(thread=self.key, workflow=workflow.name,
                           fingerprint=workflow.fingerprint, arg=arg, started=old.time,
-                          base_step=old.step + 1, base_seq=old.seq,
+                          base_step=old.step + 1, base_seq=old.seq, parent=old.parent,
                           origin=old.timer_origin())  # ids never met by the old run's
         log.info("continued_as_new", thread=self.key, workflow=workflow.name,
                  previous_workflow=old.workflow, step=journal.base_step, events=len(old.events))
