@@ -11,6 +11,7 @@ code of today; tests choose another by replacing the registry entry.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
@@ -20,13 +21,36 @@ PREFIX = os.environ.get("KWF_TEST_PREFIX", "evolve")
 """The Kafka tests load this module in an engine subprocess with a unique prefix per test."""
 TOPIC = f"{PREFIX}-greet-out"
 TALLY_TOPIC = f"{PREFIX}-tally-out"
+BOOK_TOPIC = f"{PREFIX}-book-out"
 NAME = "evolve-greet"
-kwf.config.output_topics |= {TOPIC, TALLY_TOPIC}
+kwf.config.output_topics |= {TOPIC, TALLY_TOPIC, BOOK_TOPIC}
 
 
 def topic_names(prefix: str) -> dict[str, str]:
     """The user topics of these workflows for a given ``KWF_TEST_PREFIX``."""
-    return {"greet": f"{prefix}-greet-out", "tally": f"{prefix}-tally-out"}
+    return {"greet": f"{prefix}-greet-out", "tally": f"{prefix}-tally-out",
+            "book": f"{prefix}-book-out"}
+
+
+@kwf.workflow("evolve-kbook")
+async def kbook(arg: Any) -> dict[str, str]:
+    """A child: ask for ``what`` on the book topic, wait for "confirm"; undo if cancelled."""
+    kwf.output_json({"reserve": arg["what"]}, BOOK_TOPIC)
+    try:
+        await kwf.suspend("confirm")
+    except asyncio.CancelledError:
+        kwf.output_json({"undo": arg["what"]}, BOOK_TOPIC)
+        raise
+    return {"booked": arg["what"]}
+
+
+@kwf.workflow("evolve-ktrip")
+async def ktrip(arg: Any) -> dict[str, Any]:
+    """A parent: car and hotel as children, then the flight child, cancelled if it is late."""
+    car, hotel, flight = (kwf.child("evolve-kbook", {"what": w}) for w in ("car", "hotel", "flight"))
+    booked = await kwf.all([car, hotel])
+    late = await kwf.race([flight, asyncio.sleep(float(arg.get("flightWaitS", 2)))])
+    return {"booked": booked, "flight": late or "cancelled"}
 
 
 @kwf.workflow("evolve-tally")
