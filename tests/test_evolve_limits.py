@@ -68,3 +68,27 @@ def test_a_full_journal_fails_the_thread_saying_to_continue_as_new(make_engine):
     assert [r.json() for r in eng.outputs(TOPIC)][-1] == {"cleanup": 5}
     tick(eng, 1)  # later records are ignored, as for any finished thread
     assert len(eng.outputs("workflow-error")) == 1
+
+
+@kwf.workflow("evolve-patient")
+async def patient(arg: Any) -> None:
+    """Wait for each signal with a deadline: one cancelled timer per signal."""
+    while True:
+        async with asyncio.timeout(3600):
+            await kwf.suspend("tick")
+
+
+def test_a_long_loop_of_timeouts_does_not_keep_its_cancelled_timers(make_engine):
+    eng = make_engine(patient)
+    eng.send("c", "new:{}")
+    tick(eng, 300)
+    journal = eng.journal("c")
+    from kwf.config import Settings
+    from kwf.instance import Instance
+
+    rebuilt = Instance.rebuild(patient.__kwf_workflow__, journal, Settings())
+    try:  # 301 timeouts were set and cancelled again by the replay; one timer is live
+        assert len(rebuilt.loop._timers) < 140
+        assert rebuilt.loop.timer_dues() == [journal.time + 3600]
+    finally:
+        rebuilt.dispose()
