@@ -122,7 +122,7 @@ def test_golden_journals_of_both_paths_replay_and_continue_on_their_path(key, au
     assert isinstance(workflow, Workflow) and workflow.fn is ew.v2  # today's code
     instance = Instance.rebuild(workflow, journal, Settings())
     try:
-        instance.apply((RESUME, journal.time + 1, "name", "ada"))
+        instance.apply((RESUME, journal.time + 1, "name", "ada", "99"))
         assert instance.main.result() == {"name": "ada", "audited": audited}
     finally:
         instance.dispose()
