@@ -152,3 +152,28 @@ def test_verify_passes_a_deprecated_patch_once_every_live_thread_has_its_marker(
     monkeypatch.setitem(registry._REGISTERED, ew.NAME, ew.v4.__kwf_workflow__)
     assert main(["verify", "--recovery", str(store), "--workflows", "evolve_workflows"]) == 0
     assert "2 live threads checked" in capsys.readouterr().out
+
+
+def test_verify_reports_a_thread_journaled_in_an_older_format(tmp_path, capsys):
+    """A format-1 journal (ids from step numbers) in flight is one the engine would park."""
+    import pickle
+    import sqlite3
+
+    import cloudpickle
+
+    from kwf.cli._store import THREAD_STEP
+    from kwf.journal import encode
+
+    store = engine_store(tmp_path)
+    [journal] = [j for j in read_journals(store) if j.thread == "trip-1"]
+    old = pickle.loads(encode(journal))[1][:16]  # format 1: the fields before origin
+    old_events = [e[:4] for e in old[7]]
+    data = cloudpickle.dumps((1, (*old[:7], old_events, *old[8:])))
+    db = sqlite3.connect(store / "part-0.sqlite3")
+    db.execute("UPDATE snaps SET ser_change = ? WHERE step_id = ? AND state_key = ?",
+               (pickle.dumps(data), THREAD_STEP, "trip-1"))
+    db.commit()
+    db.close()
+    assert verify(store) == 1
+    out = capsys.readouterr().out
+    assert "DIVERGED thread='trip-1' workflow=trip" in out and "journal format 1" in out

@@ -183,6 +183,8 @@ def verify_snapshot(key: str, data: bytes, registry: Registry, settings: Setting
         report.finished += 1
         return None
     report.live += 1
+    if journal.refused is not None:  # an older journal format: the engine would park it
+        return Divergence(key, journal.workflow, journal.step, journal.refused)
     try:
         workflow = registry.resolve(journal.workflow)
     except UnknownWorkflow:
