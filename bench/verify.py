@@ -18,6 +18,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import resource
 import sqlite3
 import subprocess
 import sys
@@ -124,15 +125,17 @@ def main() -> None:
     size = sum(p.stat().st_size for p in store.glob("part-*"))
     print(f"store: {size / 1e6:.1f} MB")
     kwf = [str(Path(sys.executable).with_name("kwf"))]
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run([*kwf, "verify", "--recovery", str(store), "--jobs", str(args.jobs)],
                           env={**os.environ, "KWF_WORKFLOWS": "workflows"}, check=False)
-    took = time.perf_counter() - began
+    took, after = time.perf_counter() - began, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime
     print(f"kwf verify: exit {done.returncode}, {took:.1f} s wall for the store "
-          f"({args.jobs} processes)")
+          f"({args.jobs} processes), {cpu_s:.1f} s of CPU: {cpu_s / args.jobs:.1f} s on "
+          f"{args.jobs} idle cores")
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     print(json.dumps({"threads": args.threads, "jobs": args.jobs, "verify_s": round(took, 2),
-                      "exit": done.returncode}))
+                      "cpu_s": round(cpu_s, 2), "exit": done.returncode}))
 
 
 if __name__ == "__main__":
