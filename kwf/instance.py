@@ -14,7 +14,6 @@ import json
 import random
 import time as _time
 import zlib
-from collections import Counter
 from typing import Any, Iterable
 
 import structlog
@@ -30,9 +29,6 @@ from kwf.protocol import MAX_KEY_BYTES, Record, child_value, dumps, output_recor
 from kwf.registry import Workflow, check_name
 
 log = structlog.get_logger("kwf.instance")
-
-counters: Counter[str] = Counter()
-"""Process-wide counts for metrics: ``journal_warnings`` (threads past KWF_JOURNAL_WARN_EVENTS)."""
 
 _CLOSE_ATTEMPTS = 100
 _UNCLOSABLE: list[Any] = []
@@ -208,7 +204,7 @@ class Instance:
             if event is not None:
                 j.events.append(event)
                 if len(j.events) == self.settings.journal_warn_events:
-                    counters["journal_warnings"] += 1
+                    observe.stats.journal_long(self.workflow.name)
                     log.warning("journal_long", thread=self.thread_id, workflow=self.workflow.name,
                                 events=len(j.events), limit=self.settings.max_journal_events,
                                 hint="call kwf.continue_as_new(state) every so many events")

@@ -371,6 +371,8 @@ class ThreadState:
                           origin=old.timer_origin())  # ids never met by the old run's
         log.info("continued_as_new", thread=self.key, workflow=workflow.name,
                  previous_workflow=old.workflow, step=journal.base_step, events=len(old.events))
+        observe.stats.thread_ended(old.workflow, CONTINUED)  # started minus ended: still one
+        observe.stats.thread_started(workflow.name)
         instance, records = Instance.start(workflow, journal, self.ctx.settings)
         self.journal, self.instance = journal, instance
         out += records

@@ -10,7 +10,7 @@ from structlog.testing import capture_logs
 
 import kwf
 from kwf.config import Settings
-from kwf.instance import counters
+from kwf import observe
 
 TOPIC = "evolve-limits-out"
 kwf.config.output_topics |= {TOPIC}
@@ -47,13 +47,22 @@ def test_journal_length_counts_applied_events_identically_on_replay(make_engine)
 def test_a_long_journal_is_logged_once_and_counted(make_engine):
     eng = make_engine(counter, settings=Settings(journal_warn_events=3, max_journal_events=100))
     eng.send("c", "new:{}")
-    before = counters["journal_warnings"]
-    with capture_logs() as logs:
-        tick(eng, 6)
+    counted: list[str] = []
+
+    class Count(observe.Stats):
+        def journal_long(self, workflow: str) -> None:
+            counted.append(workflow)
+
+    previous = observe.install(Count())
+    try:
+        with capture_logs() as logs:
+            tick(eng, 6)
+    finally:
+        observe.install(previous)
     warnings = [e for e in logs if e["event"] == "journal_long"]
     assert [(w["thread"], w["events"]) for w in warnings] == [("c", 3)]
     assert "continue_as_new" in warnings[0]["hint"]
-    assert counters["journal_warnings"] == before + 1
+    assert counted == ["evolve-counter"]
 
 
 def test_a_full_journal_fails_the_thread_saying_to_continue_as_new(make_engine):
