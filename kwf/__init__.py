@@ -14,14 +14,17 @@
 """
 
 from kwf import config, registry
-from kwf.api import (Suspend, all, as_completed, cancel, first, gather, now, output, output_json,
-                     race, random, rng, step_id, suspend, thread_id, uuid4, wait)
+from kwf.api import (Suspend, all, as_completed, cancel, child, continue_as_new, deprecate_patch, first, gather,
+                     journal_length, now, output, output_json, patched, race, random, rng,
+                     start_child, step_id, suspend, thread_id, uuid4, wait)
 from kwf.calls import CallTimeout, call
-from kwf.errors import NonDeterminismError, RemoteError, WorkflowNotAvailable
+from kwf.errors import ChildFailed, ContinueAsNew, NonDeterminismError, RemoteError, WorkflowNotAvailable
 from kwf.registry import workflow
 
 __all__ = [
     "CallTimeout",
+    "ChildFailed",
+    "ContinueAsNew",
     "NonDeterminismError",
     "RemoteError",
     "Suspend",
@@ -30,16 +33,22 @@ __all__ = [
     "as_completed",
     "call",
     "cancel",
+    "child",
     "config",
+    "continue_as_new",
+    "deprecate_patch",
     "first",
     "gather",
+    "journal_length",
     "now",
     "output",
     "output_json",
+    "patched",
     "race",
     "random",
     "registry",
     "rng",
+    "start_child",
     "step_id",
     "suspend",
     "thread_id",

@@ -14,8 +14,10 @@ import uuid as _uuid
 from asyncio import events
 from datetime import datetime, timezone
 from functools import partial
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Generator, Iterable, Sequence
+from typing import (TYPE_CHECKING, Any, AsyncIterator, Awaitable, Generator, Iterable, NoReturn,
+                    Sequence)
 
+from kwf.errors import ChildFailed, ContinueAsNew, RemoteError
 from kwf.loop import WorkflowLoop, _Future
 from kwf.protocol import dumps
 
@@ -23,8 +25,9 @@ if TYPE_CHECKING:
     from kwf.instance import Instance
 
 __all__ = [
-    "Suspend", "all", "as_completed", "cancel", "first", "gather", "now", "output", "output_json",
-    "race", "random", "step_id", "suspend", "thread_id", "uuid4", "wait",
+    "Suspend", "all", "as_completed", "cancel", "child", "continue_as_new", "deprecate_patch", "first", "gather",
+    "journal_length", "now", "output", "output_json", "patched", "race", "random", "start_child", "step_id",
+    "suspend", "thread_id", "uuid4", "wait",
 ]
 
 
@@ -121,6 +124,87 @@ def random() -> float:
 def uuid4() -> _uuid.UUID:
     """A version-4 UUID from the thread's seeded generator, identical on replay."""
     return _uuid.UUID(int=_instance("uuid4").rng.getrandbits(128), version=4)
+
+
+def patched(patch_id: str) -> bool:
+    """Whether this thread takes the new path of a change made while threads were in flight.
+
+    Wrap a change as ``if kwf.patched("id"): new else: old``. Running live, it is True and a
+    marker goes into the journal; replaying, it is True only where the journal has that marker
+    (from this step on), so a thread that passed here under the old code replays, and goes on,
+    on the old path. Once no live thread lacks the marker, retire the old path with
+    ``kwf.deprecate_patch`` (README: "Changing a workflow with threads in flight").
+    """
+    return _instance("patched").patched(patch_id)
+
+
+def deprecate_patch(patch_id: str) -> None:
+    """Retire ``kwf.patched(patch_id)``: the code now always takes the new path.
+
+    Live it records the marker, as ``patched`` would. A replay that reaches it without the
+    marker (a thread that took the old path) diverges, so ``kwf verify`` lists exactly the
+    threads that still need the old code.
+    """
+    _instance("deprecate_patch").deprecate_patch(patch_id)
+
+
+def continue_as_new(arg: Any, workflow: str | None = None) -> NoReturn:
+    """End this run and start the thread again with ``arg``, a fresh journal, in this step.
+
+    Raises ``kwf.ContinueAsNew`` (a ``BaseException``, like ``sys.exit``), so code after the
+    call never runs. Every task still running is cancelled and its cleanup runs (outputs made
+    then are sent); suspends and timers of this run are dropped, so a resume for one of them
+    arriving later is stale and ignored, unless the new run waits on the same named channel.
+    The thread id, the step numbers and ``kwf-seq`` continue; ``workflow`` (default: the same)
+    names the workflow of the new run. ``TypeError`` here, at the call, if ``arg`` is not JSON.
+    """
+    _instance("continue_as_new").continue_as_new(arg, workflow)
+    raise ContinueAsNew(arg, workflow)
+
+
+def child(workflow: str, arg: Any = None, *, id: str | None = None) -> asyncio.Task[Any]:
+    """Start a child workflow and get a task for its result; ``await`` it, or pass it to combinators.
+
+    The start goes through ``workflow-resume`` (a ``child:`` record, idempotent), so the child
+    may run on another worker or process; its id is ``"<this thread>/<suspend id>"`` unless
+    given. The task returns the child's result, or raises ``kwf.ChildFailed`` when the child
+    failed, was cancelled, or its start was refused (unknown workflow, id already used by
+    another thread). Cancelling the task cancels the child (``cancel:``; its compensations
+    run there); so does this thread ending while the child runs. ``TypeError`` here, at the
+    call, if ``arg`` is not JSON.
+    """
+    inst = _instance("child")
+    child_id, ref = inst.start_child(workflow, arg, id, awaited=True)
+    assert ref is not None
+    return inst.loop.create_task(_child_result(inst, ref, workflow, child_id),
+                                 name=f"child {child_id}")
+
+
+async def _child_result(inst: Instance, ref: Suspend, workflow: str, child_id: str) -> Any:
+    try:
+        return await ref
+    except RemoteError as e:
+        raise ChildFailed.from_payload(child_id, workflow, e.payload) from None
+    except asyncio.CancelledError:
+        inst.cancel_child(child_id)
+        raise
+
+
+def start_child(workflow: str, arg: Any = None, *, id: str | None = None) -> str:
+    """Start a child workflow and forget it (fire and forget); returns its thread id.
+
+    Like ``kwf.child``, but nothing waits for its end and it outlives this thread; the link
+    to this thread shows in the child's status.
+    """
+    return _instance("start_child").start_child(workflow, arg, id, awaited=False)[0]
+
+
+def journal_length() -> int:
+    """Events this run of the thread has applied (its journal's length), identical on replay.
+
+    Compare it with a budget to ``kwf.continue_as_new`` before ``KWF_MAX_JOURNAL_EVENTS``.
+    """
+    return _instance("journal_length").journal_length()
 
 
 def rng() -> _random.Random:

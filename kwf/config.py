@@ -54,6 +54,10 @@ class Settings:
     """Under Kafka's default 1 MB message limit, leaving room for the key and headers."""
     max_live: int = 10_000
     tombstone_retention_s: float = 7 * 24 * 3600.0
+    journal_warn_events: int = 10_000
+    """A thread whose journal reaches this many events is logged (once) and counted."""
+    max_journal_events: int = 50_000
+    """A thread whose journal would exceed this fails: it should ``kwf.continue_as_new``."""
     batch_size: int = 50
     input_idle_s: float = 0.5
     """A due timer waits for input stamped past it, or for this long a quiet input."""

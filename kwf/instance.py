@@ -10,6 +10,7 @@ a wrong state. It never talks to Kafka and never reads the wall clock.
 
 from __future__ import annotations
 
+import json
 import random
 import time as _time
 import zlib
@@ -21,11 +22,11 @@ from kwf import config, observe
 from kwf.api import Suspend
 from kwf.config import Settings
 from kwf.errors import NonDeterminismError, RemoteError
-from kwf.journal import (CANCELLED, COMPLETED, ERROR, FAILED, RESUME, RUNNING, TIMER,
+from kwf.journal import (CANCELLED, COMPLETED, CONTINUED, ERROR, FAILED, RESUME, RUNNING, TIMER,
                          Check, Event, Journal)
 from kwf.loop import WorkflowLoop, _Future
-from kwf.protocol import Record, dumps, output_record
-from kwf.registry import Workflow
+from kwf.protocol import MAX_KEY_BYTES, Record, child_value, dumps, output_record
+from kwf.registry import Workflow, check_name
 
 log = structlog.get_logger("kwf.instance")
 
@@ -67,6 +68,13 @@ class Instance:
         self._result: str | None = None
         self._error: tuple[str, str] | None = None  # a failure's message and traceback
         self._tasks_kept = 0
+        self._markers: dict[str, int] = {}
+        self._problem: str | None = None  # a replay divergence found inside workflow code
+        self._limit_error: Exception | None = None
+        self.children: dict[str, str] = {}
+        """Children awaited: the parent's ref -> the child's thread id (shown in the status)."""
+        self.continued: tuple[Any, str | None] | None = None
+        """``kwf.continue_as_new(arg, workflow)`` was called: the new run's argument and workflow."""
         self.main = self.loop.create_task(workflow.fn(_fresh(journal.arg)), name=journal.thread)
         _UNDISPOSED.add(self)
 
@@ -142,6 +150,9 @@ class Instance:
         self.step += 1
         self._origin = origin
         self._begin(time)
+        if not self.replaying and len(self.journal.events) >= self.settings.max_journal_events:
+            self._over_limit()
+            return True
         if kind == RESUME:  # fresh copies: workflow code may mutate what it gets, not the journal
             future.set_result(_fresh(payload))  # type: ignore[union-attr]  # checked above
         elif kind == ERROR:
@@ -151,6 +162,15 @@ class Instance:
         else:
             self.main.cancel(payload)
         return True
+
+    def _over_limit(self) -> None:
+        """The journal is full: the thread fails (cleanup runs) instead of applying the event."""
+        self._limit_error = RuntimeError(
+            f"thread {self.thread_id!r}: its journal reached {len(self.journal.events)} events "
+            f"(KWF_MAX_JOURNAL_EVENTS={self.settings.max_journal_events}); a workflow that runs "
+            "indefinitely must call kwf.continue_as_new(state) every so many events, which "
+            "starts it again with a fresh journal")
+        self.main.cancel()
 
     def _begin(self, time: float) -> None:
         self.loop.set_time(time)
@@ -162,11 +182,12 @@ class Instance:
 
     def _commit(self, event: Event | None) -> list[Record]:
         """End the step: finish if main ended, tidy, emit the status record, journal the step."""
-        if self.main.done() and self.status == RUNNING:
+        if self.status == RUNNING and (self.main.done() or self.continued is not None):
             self._finish()
         pending = self.pending
         for settled in [k for k, f in pending.items() if f.done()]:
             del pending[settled]
+            self.children.pop(settled, None)
         loop = self.loop
         if len(loop.tasks) > 2 * self._tasks_kept + 4:  # tidy now and then, not every step
             loop.tasks = [t for t in loop.tasks if not t.done()]
@@ -182,6 +203,14 @@ class Instance:
             j = self.journal
             if event is not None:
                 j.events.append(event)
+                if len(j.events) == self.settings.journal_warn_events:
+                    observe.stats.journal_long(self.workflow.name)
+                    log.warning("journal_long", thread=self.thread_id, workflow=self.workflow.name,
+                                events=len(j.events), limit=self.settings.max_journal_events,
+                                hint="call kwf.continue_as_new(state) every so many events")
+            if self._markers:
+                j.patches.update(self._markers)
+                self._markers = {}
             j.checks.append(self._check())
             j.step, j.seq, j.time, j.status, j.timers, j.result = (
                 self.step, self.seq, self.loop.time(), self.status, timers, self._result)
@@ -191,17 +220,29 @@ class Instance:
         return (self._count, self._crc, tuple(self.pending))
 
     def _finish(self) -> None:
-        """Main ended: cancel what it left running, close the rest, then send the result."""
+        """Main ended: cancel what it left running, close the rest, then send the result.
+
+        A run that continues as new has every task cancelled, main too if it caught the
+        exception: their cleanup runs in this step, then the thread starts its new run.
+        """
         for task in self.loop.tasks:
-            if task is not self.main and not task.done():
+            if (task is not self.main or self.continued is not None) and not task.done():
                 task.cancel()
         self.loop.run_until_idle()
         self._close_tasks()
-        main = self.main
-        if main.cancelled():
-            self.status = CANCELLED
+        if self.continued is not None:
+            if self.main.done() and not self.main.cancelled():
+                self.main.exception()  # retrieved: ContinueAsNew is how the run ended
+            self.status = CONTINUED
             return
-        error = main.exception()
+        main = self.main
+        error: BaseException | None = self._limit_error
+        if main.cancelled() and error is None:
+            self.status = CANCELLED
+            self._notify_parent(error="the thread was cancelled")
+            return
+        if error is None:
+            error = main.exception()
         if error is None:
             try:
                 value = dumps(main.result())
@@ -215,6 +256,7 @@ class Instance:
             self.status = COMPLETED
             self._result = value
             self._emit(self.settings.result_topic, self.thread_id, value)
+            self._notify_parent(value=value)
             return
         self.status = FAILED
         message = str(error)[:10_000]  # an error text must not be refused by Kafka
@@ -223,18 +265,24 @@ class Instance:
         self._error = (message, trace)
         self._emit(self.settings.error_topic, self.thread_id, text,
                    (("kwf-error-type", type(error).__qualname__), ("kwf-traceback", trace)))
+        self._notify_parent(error=str(error)[:10_000])
         log.info("workflow_failed", thread=self.thread_id, workflow=self.workflow.name,
                  step=self.step, error=message, error_type=type(error).__qualname__,
                  traceback=trace)
 
     # -- what workflow code calls ----------------------------------------------------------
-    def suspend(self, id: str | None) -> Suspend:
-        if id is None:  # skipping any a named suspend already holds
+    def _auto_id(self) -> str:
+        """The next deterministic id of this step, skipping any a named suspend holds."""
+        self._n += 1
+        id = f"{self._origin}:{self._n}"
+        while id in self.pending and not self.pending[id].done():
             self._n += 1
             id = f"{self._origin}:{self._n}"
-            while id in self.pending and not self.pending[id].done():
-                self._n += 1
-                id = f"{self._origin}:{self._n}"
+        return id
+
+    def suspend(self, id: str | None) -> Suspend:
+        if id is None:
+            id = self._auto_id()
         else:
             previous = self.pending.get(id)
             if previous is not None and not previous.done():
@@ -244,6 +292,90 @@ class Instance:
         future = _Future(loop=self.loop)
         self.pending[id] = future
         return Suspend(id, future)
+
+    def continue_as_new(self, arg: Any, workflow: str | None) -> None:
+        """Check and keep the new run's start; the caller raises ``ContinueAsNew``."""
+        try:
+            text = dumps(arg)
+        except (TypeError, ValueError, RecursionError) as e:
+            msg = f"kwf.continue_as_new: the argument is not JSON ({e}); pass the state as JSON"
+            raise TypeError(msg) from None
+        if len(text) > self.settings.max_payload_bytes:
+            msg = (f"kwf.continue_as_new: the argument is {len(text)} bytes of JSON, over "
+                   "KWF_MAX_PAYLOAD_BYTES; carry a reference to the data instead")
+            raise ValueError(msg)
+        if workflow is not None:
+            check_name(workflow)
+        if self.continued is None:
+            self.continued = (json.loads(text), workflow)
+
+    def _notify_parent(self, *, value: str | None = None, error: str | None = None) -> None:
+        """A child that ends sends its result, or why it did not complete, to its parent's ref."""
+        link = self.journal.parent
+        if link is None or link[1] is None:
+            return
+        parent, ref = link
+        if error is None:
+            text = f'{{"ref":{dumps(ref)},"value":{value}}}'
+        else:
+            text = dumps({"ref": ref, "error": {
+                "child": self.thread_id, "workflow": self.workflow.name, "status": self.status,
+                "error": error}})
+        self._emit(self.settings.resume_topic, parent, text)
+
+    def start_child(self, name: str, arg: Any, id: str | None, awaited: bool) -> tuple[str, Suspend | None]:
+        """Write a ``child:`` start; the child's id and, if awaited, the suspend for its end."""
+        try:
+            dumps(arg)
+        except (TypeError, ValueError, RecursionError) as e:
+            msg = f"kwf.child({name!r}): the argument is not JSON ({e})"
+            raise TypeError(msg) from None
+        check_name(name)
+        if id is not None and not (isinstance(id, str) and id):
+            msg = f"kwf.child({name!r}): id must be a non-empty string, got {id!r}"
+            raise ValueError(msg)
+        ref = self.suspend(None) if awaited else None
+        child_id = id or f"{self.thread_id}/{ref.id if ref is not None else self._auto_id()}"
+        value = child_value(name, arg, self.thread_id, ref.id if ref is not None else None)
+        size = len(value.encode()) + len(child_id.encode())
+        if size > self.settings.max_payload_bytes or len(child_id.encode()) > MAX_KEY_BYTES:
+            if ref is not None:
+                ref._future.cancel()
+            msg = (f"kwf.child({name!r}): the start record is {size} bytes (or the id is over "
+                   f"{MAX_KEY_BYTES} bytes), over KWF_MAX_PAYLOAD_BYTES; pass a reference")
+            raise ValueError(msg)
+        self._emit(self.settings.resume_topic, child_id, value)
+        if ref is not None:
+            self.children[ref.id] = child_id
+        return child_id, ref
+
+    def cancel_child(self, child_id: str) -> None:
+        """Cancel a child: ``cancel:`` to its thread (its compensations run there)."""
+        self._emit(self.settings.resume_topic, child_id, "cancel:")
+
+    def journal_length(self) -> int:
+        """Events this run has applied so far: the journal's length at this point of its history."""
+        return self.step - self.journal.base_step
+
+    def patched(self, patch_id: str) -> bool:
+        """True where the thread ran patch-aware code: live always (a marker is recorded), on
+        replay where the journal's marker is at or before this step."""
+        step = self.journal.patches.get(patch_id, self._markers.get(patch_id))
+        if step is not None:
+            return step <= self.step
+        if self.replaying:
+            return False
+        self._markers[patch_id] = self.step
+        return True
+
+    def deprecate_patch(self, patch_id: str) -> None:
+        """The code assumes the patch: a replay that reaches here without its marker diverges."""
+        if self.patched(patch_id) or self._problem is not None:
+            return
+        self._problem = (f"kwf.deprecate_patch({patch_id!r}) was reached, but this thread took "
+                         f"the old path at step {self.step} (its journal has no {patch_id!r} "
+                         f"marker there); keep kwf.patched({patch_id!r}) and its old branch until "
+                         "no such thread is live")
 
     def output(self, value: str | None, topic: str, key: str | None,
                headers: Iterable[tuple[str, str]] | None) -> None:
@@ -296,7 +428,7 @@ class Instance:
 
     def _status_json(self, timers: tuple[float, ...], error: str | None = None,
                      trace: str | None = None) -> str:
-        status = {
+        status: dict[str, Any] = {
             "thread": self.thread_id, "workflow": self.workflow.name, "status": self.status,
             "step": self.step, "pending": list(self.pending) if self.status == RUNNING else [],
             "timers": list(timers), "updated": self.loop.time(),
@@ -305,10 +437,16 @@ class Instance:
             status["error"] = error
         if trace is not None:
             status["traceback"] = trace
+        if self.journal.parent is not None:  # only then: other threads' records are unchanged
+            status["parent"] = {"thread": self.journal.parent[0], "ref": self.journal.parent[1]}
+        if self.children and self.status == RUNNING:
+            status["children"] = dict(self.children)
         return dumps(status, flat=True)
 
     # -- replay checks ---------------------------------------------------------------------
     def _verify(self, recorded: Check, what: str) -> None:
+        if self._problem is not None:
+            self._diverged(self._problem)
         if self._check() == recorded:
             return
         count, _, pending = recorded
@@ -324,7 +462,7 @@ class Instance:
                "wall clock, global random state or I/O instead of kwf.now()/kwf.random()?")
         msg = (f"thread {self.thread_id!r} step {self.step}: replay of {self.workflow.location} "
                f"diverged: {what}; {why}")
-        raise NonDeterminismError(msg)
+        raise NonDeterminismError(msg, self.step)
 
     # -- disposal --------------------------------------------------------------------------
     def _close_tasks(self) -> None:

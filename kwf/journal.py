@@ -33,6 +33,9 @@ FORMAT = 2
 """2: steps carry their origin (suspend ids from Kafka offsets). 1: ids from step numbers."""
 
 RUNNING, COMPLETED, FAILED, CANCELLED = "running", "completed", "failed", "cancelled"
+CONTINUED = "continued"
+"""A run that called ``kwf.continue_as_new``: only ever seen in the status record of its last
+step, since the thread's journal is replaced by the new run's in that same step."""
 
 # Event kinds, stored as the first item of each event tuple.
 RESUME, ERROR, TIMER, CANCEL = "resume", "error", "timer", "cancel"
@@ -70,6 +73,10 @@ class Journal:
     """The start's origin: the offset of the ``new:`` / ``init:`` record."""
     refused: str | None = None
     """Why this journal cannot be replayed (written by an older kwf); the engine parks it."""
+    parent: tuple[str, str | None] | None = None
+    """A child's parent thread and the ref its end is sent to (None: nobody waits)."""
+    patches: dict[str, int] = field(default_factory=dict)
+    """``kwf.patched`` markers: patch id -> the step that first ran the patch-aware code."""
 
     @property
     def finished(self) -> bool:
@@ -90,6 +97,7 @@ class Journal:
         self.events = []
         self.checks = []
         self.timers = ()
+        self.patches = {}
         self.expires = self.time + retention_s
 
 

@@ -66,6 +66,7 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
     def __init__(self, start_time: float, owner: str, workflow: str = "?") -> None:
         self._ready: deque[asyncio.Handle] = deque()
         self._timers: list[tuple[float, int, asyncio.TimerHandle]] = []
+        self._cancelled_timers = 0
         self._time = start_time
         # Hashes are salt + creation number: the same in every process for this thread, and
         # spread across threads, so asyncio's global WeakSet of tasks does not collide.
@@ -108,7 +109,17 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
         return handle
 
     def _timer_handle_cancelled(self, handle: asyncio.TimerHandle) -> None:
-        """Cancelled timers stay in the heap and are skipped; nothing to do now."""
+        """Cancelled timers stay in the heap and are skipped, until they are half of it.
+
+        A loop around ``asyncio.timeout`` cancels a timer per iteration: without the sweep, a
+        thread that runs for months would carry every one of them (and each step's status
+        record walks the heap).
+        """
+        self._cancelled_timers += 1
+        if self._cancelled_timers > 64 and 2 * self._cancelled_timers > len(self._timers):
+            self._timers = [t for t in self._timers if not t[2]._cancelled and t[2] is not handle]
+            heapq.heapify(self._timers)
+            self._cancelled_timers = 0
 
     def create_future(self) -> asyncio.Future[Any]:
         return _Future(loop=self)

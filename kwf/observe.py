@@ -86,8 +86,9 @@ class Stats:
         """A thread started (``new:``/``init:``, or a replacement)."""
 
     def thread_ended(self, workflow: str, status: str) -> None:
-        """A thread ended: completed, failed, cancelled, parked (its replay diverged), or
-        replaced (by a ``new:`` with its id while it ran)."""
+        """A thread ended: completed, failed, cancelled, parked (its replay diverged),
+        replaced (by a ``new:`` with its id while it ran), or continued (its run called
+        ``kwf.continue_as_new``: a new run starts at once)."""
 
     def record(self, kind: str, timestamp: float | None) -> None:
         """A record was applied: kind new, init, resume, error, cancel or schedule;
@@ -107,6 +108,9 @@ class Stats:
 
     def timer_fired(self, due: float) -> None:
         """A durable timer due at ``due`` (seconds since the epoch) fired now."""
+
+    def journal_long(self, workflow: str) -> None:
+        """A thread's journal reached ``KWF_JOURNAL_WARN_EVENTS`` events (once per thread)."""
 
 
 stats = Stats()

@@ -87,6 +87,24 @@ class Start:
 
 
 @dataclass(frozen=True)
+class StartChild(Start):
+    """``child:{"workflow", "arg", "parent", "ref"}``: a child workflow, started by ``kwf.child``.
+
+    kwf's extension of the seed's protocol (its forms are unchanged): like ``init:``, a thread
+    that exists is left alone, but it must be this same child (a repeated record), else the
+    start is refused; the child's end, or a refusal, goes to ``parent`` as a resume of ``ref``
+    (no ``ref``: started by ``kwf.start_child``, nobody waits for it).
+    """
+
+    parent: str = ""
+    ref: str | None = None
+
+    @property
+    def link(self) -> tuple[str, str | None]:
+        return (self.parent, self.ref)
+
+
+@dataclass(frozen=True)
 class Resume:
     """``{"ref": id, "value": v}`` or ``{"ref": id, "error": e}``."""
 
@@ -239,6 +257,8 @@ def parse_command(text: str) -> Command:
                 raise ProtocolError("no-json", f"{_clip(text)} carries no JSON argument; send "
                                     f"{form}<json> (for no argument, {form}null)")
             return Start(name, loads(rest), only_if_new)
+    if text.startswith("child:"):
+        return _child(loads(text[len("child:"):]), text)
     if text.startswith("cancel:"):
         rest = text[len("cancel:"):]
         return Cancel(loads(rest) if rest.strip() else None)
@@ -252,6 +272,23 @@ def parse_command(text: str) -> Command:
     if "error" in obj:
         return Resume(ref, error=obj["error"], is_error=True)
     return Resume(ref, value=obj.get("value"))
+
+
+def _child(obj: Any, text: str) -> StartChild:
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad-child", f"child: takes a JSON object, got {_clip(text)}")
+    name, parent, ref = obj.get("workflow"), obj.get("parent"), obj.get("ref")
+    if not (isinstance(name, str) and _NAMED.fullmatch(name + ":") and name not in RESERVED):
+        raise ProtocolError("bad-child", f'"workflow" must be a workflow name; got {_clip(text)}')
+    if not (isinstance(parent, str) and parent) or not (ref is None or isinstance(ref, str)):
+        raise ProtocolError("bad-child", '"parent" must be a thread id and "ref" a string or '
+                                         f"null; got {_clip(text)}")
+    return StartChild(name, obj.get("arg"), True, parent, ref)
+
+
+def child_value(workflow: str, arg: Any, parent: str, ref: str | None) -> str:
+    """The ``child:`` record a parent writes to ``workflow-resume`` (key: the child's id)."""
+    return "child:" + dumps({"workflow": workflow, "arg": arg, "parent": parent, "ref": ref})
 
 
 def parse_schedule(rec: Incoming, max_bytes: int) -> Schedule:
@@ -349,8 +386,8 @@ def parse(rec: Incoming, settings: Settings, registry: Registry) -> tuple[str, C
         return schedule.key, schedule
     key = decode_key(rec.key)
     command = parse_command(decode_value(rec.value, settings.max_payload_bytes))
-    if isinstance(command, Start):
-        try:
+    if isinstance(command, Start) and not isinstance(command, StartChild):
+        try:  # a child's refusal goes to its parent too: the thread's rules handle it
             registry.resolve(command.workflow)
         except UnknownWorkflow as e:
             raise ProtocolError("unknown-workflow" if command.workflow else "no-default",

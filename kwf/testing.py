@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from kwf.config import Settings
 from kwf.history import History, replay
-from kwf.journal import Journal
+from kwf.journal import CONTINUED, Journal
 from kwf.protocol import Incoming, ProtocolError, Record, Schedule, dead_letter, dumps, parse
 from kwf.registry import Registry, Workflow, WorkflowFn
 from kwf.thread import Context, ScheduleState, ThreadState
@@ -290,11 +290,11 @@ class _KeepingThread(ThreadState):
         super().__init__(key, ctx)
         self._kept = finished
 
-    def _stepped(self) -> None:
+    def _stepped(self, out: list[Record], chain: int = 0) -> None:
         j = self.journal
-        if j is not None and j.finished:
+        if j is not None and j.finished and j.status != CONTINUED:
             self._kept[self.key] = replace(j, events=list(j.events), checks=list(j.checks))
-        super()._stepped()
+        super()._stepped(out, chain)
 
 
 def run_flow(records: Sequence[tuple[str, str | bytes | None, str | bytes | None]

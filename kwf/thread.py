@@ -20,12 +20,16 @@ from kwf import observe
 from kwf.config import Settings
 from kwf.errors import NonDeterminismError
 from kwf.instance import Instance
-from kwf.journal import CANCEL, ERROR, FAILED, RESUME, TIMER, Event, Journal, decode, encode
-from kwf.protocol import (Cancel, Command, Incoming, Record, Resume, Schedule, Start,
+from kwf.journal import (CANCEL, CONTINUED, ERROR, FAILED, RESUME, TIMER, Event, Journal, decode,
+                         encode)
+from kwf.protocol import (Cancel, Command, Incoming, Record, Resume, Schedule, Start, StartChild,
                           dead_letter, dumps, output_record)
 from kwf.registry import Registry, UnknownWorkflow
 
 log = structlog.get_logger("kwf.thread")
+
+_MAX_CONTINUE_CHAIN = 100
+"""Runs that may continue as new in their very first step, one after the other, in one step."""
 
 
 class LiveCache:
@@ -136,6 +140,8 @@ class ThreadState:
 
     def _on_command(self, rec: Incoming, cmd: Command, out: list[Record]) -> None:
         j, dlq = self.journal, self.ctx.settings.dlq_topic
+        if isinstance(cmd, StartChild) and self._refuse_child(rec, cmd, out):
+            return
         if j is None and not isinstance(cmd, Start):
             out.append(dead_letter(rec, dlq, f"unknown-thread: no thread {self.key!r}; start "
                                              "it with new: or init:, or check the key"))
@@ -172,8 +178,8 @@ class ThreadState:
             log.info("stale_record_ignored", thread=self.key, ref=getattr(cmd, "ref", None),
                      source=rec.source)
             return
-        self._stepped()
         out += records
+        self._stepped(out)
         self._fire_due(time, out)
 
     def on_timer(self, now: float) -> list[Record]:
@@ -211,7 +217,7 @@ class ThreadState:
             thread=self.key, workflow=workflow.name, fingerprint=workflow.fingerprint,
             arg=cmd.arg, started=max(time, old.time) if old else time,
             base_step=old.step + 1 if old else 0, base_seq=old.seq if old else 0,
-            origin=str(rec.offset))
+            origin=str(rec.offset), parent=cmd.link if isinstance(cmd, StartChild) else None)
         instance, records = Instance.start(workflow, journal, self.ctx.settings)
         # Only now, the new thread being whole, is the old one replaced.
         if old is not None and not old.finished:
@@ -223,9 +229,35 @@ class ThreadState:
         observe.stats.thread_started(workflow.name)
         self.evict()
         self.journal, self.instance, self._blocked = journal, instance, False
-        self._stepped()
         out += records
+        self._stepped(out)
         self._fire_due(time, out)
+
+    def _refuse_child(self, rec: Incoming, cmd: StartChild, out: list[Record]) -> bool:
+        """Whether a ``child:`` start is not to run: a repeat of this child (ignored), or
+        refused (another thread holds the id, or the workflow is unknown: dead-lettered, and
+        the parent's await fails saying why)."""
+        j = self.journal
+        if j is not None and j.workflow == cmd.workflow and j.parent == cmd.link:
+            log.info("child_start_repeated", thread=self.key, parent=cmd.parent)
+            return True
+        if j is not None:
+            holder = f"for parent {j.parent[0]!r}" if j.parent else "started directly"
+            reason = (f"child id {self.key!r} is already thread of workflow {j.workflow!r} "
+                      f"({holder}, {j.status}); give kwf.child another id")
+        else:
+            try:
+                self.ctx.registry.resolve(cmd.workflow)
+                return False
+            except UnknownWorkflow as e:
+                reason = str(e)
+        s = self.ctx.settings
+        out.append(dead_letter(rec, s.dlq_topic, f"child-refused: {reason}"))
+        if cmd.ref is not None:
+            out.append(Record(s.resume_topic, cmd.parent, dumps({"ref": cmd.ref, "error": {
+                "child": self.key, "workflow": cmd.workflow, "status": "refused",
+                "error": reason}}), (("kwf-child", self.key),), rec.timestamp))
+        return True
 
     def _fire_due(self, now: float, out: list[Record]) -> None:
         """Fire due timers, one step per due time, adding each step's records as it commits."""
@@ -241,7 +273,7 @@ class ThreadState:
                 raise RuntimeError(msg)
             observe.stats.timer_fired(due)
             out += records
-            self._stepped()
+            self._stepped(out)
 
     # -- the live instance ---------------------------------------------------------------------
     def _live(self) -> Instance:
@@ -282,25 +314,69 @@ class ThreadState:
                         "step": j.step, "pending": [], "timers": [], "updated": j.time,
                         "error": reason})
         records = []
-        for topic, value, extra in ((s.error_topic, j.result,
-                                     (("kwf-error-type", error_type),)),
-                                    (s.events_topic, status, ())):
+        outputs: list[tuple[str, str, str | None, tuple[tuple[str, str], ...]]] = [
+            (s.error_topic, self.key, j.result, (("kwf-error-type", error_type),)),
+            (s.events_topic, self.key, status, ())]
+        if j.parent is not None and j.parent[1] is not None:  # its parent waits: tell it
+            outputs.append((s.resume_topic, j.parent[0], dumps({"ref": j.parent[1], "error": {
+                "child": self.key, "workflow": j.workflow, "status": FAILED, "error": reason}}), ()))
+        for topic, key, value, extra in outputs:
             j.seq += 1
-            records.append(output_record(topic, self.key, value, thread=self.key, seq=j.seq,
+            records.append(output_record(topic, key, value, thread=self.key, seq=j.seq,
                                          step=j.step, time=j.time, extra=extra))
         return records
 
-    def _stepped(self) -> None:
-        """After a step: a finished thread becomes a tombstone, its instance disposed."""
+    def _stepped(self, out: list[Record], chain: int = 0) -> None:
+        """After a step: a run that continued as new is replaced by its new run (whose start
+        step's records go to ``out``); a finished thread becomes a tombstone, its instance
+        disposed."""
         j, instance = self.journal, self.instance
         assert j is not None and instance is not None
-        if j.finished:
+        if j.status == CONTINUED:
+            self._continue(instance, out, chain)
+        elif j.finished:
             instance.dispose()
             self.instance = None
             self.ctx.cache.forget(self)
             j.to_tombstone(self.ctx.settings.tombstone_retention_s)
             self.ctx.tombstones += 1
             observe.stats.thread_ended(j.workflow, j.status)
+
+    def _continue(self, ended: Instance, out: list[Record], chain: int) -> None:
+        """Start the new run of a thread whose run called ``kwf.continue_as_new``, in this step.
+
+        The old journal is replaced by a fresh one (step and ``kwf-seq`` continue), so a
+        snapshot holds either the old run before the record that made it continue, or the new
+        run after it: nothing is lost or applied twice.
+        """
+        old = self.journal
+        assert old is not None and ended.continued is not None
+        arg, name = ended.continued
+        ended.dispose()
+        self.instance = None
+        self.ctx.cache.forget(self)
+        try:
+            workflow = self.ctx.registry.resolve(name or old.workflow)
+        except UnknownWorkflow as e:
+            out += self._park(f"kwf.continue_as_new: {e}", "UnknownWorkflow")
+            return
+        if chain >= _MAX_CONTINUE_CHAIN:
+            out += self._park(f"the run continued as new {chain} times in a row in its first "
+                              "step; a run must wait for something before it continues",
+                              "ContinueAsNew")
+            return
+        journal = Journal(thread=self.key, workflow=workflow.name,
+                          fingerprint=workflow.fingerprint, arg=arg, started=old.time,
+                          base_step=old.step + 1, base_seq=old.seq, parent=old.parent,
+                          origin=old.timer_origin())  # ids never met by the old run's
+        log.info("continued_as_new", thread=self.key, workflow=workflow.name,
+                 previous_workflow=old.workflow, step=journal.base_step, events=len(old.events))
+        observe.stats.thread_ended(old.workflow, CONTINUED)  # started minus ended: still one
+        observe.stats.thread_started(workflow.name)
+        instance, records = Instance.start(workflow, journal, self.ctx.settings)
+        self.journal, self.instance = journal, instance
+        out += records
+        self._stepped(out, chain + 1)
 
     def _bound(self) -> None:
         """After a record or timer: a live instance counts against the live-instance budget.

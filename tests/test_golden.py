@@ -44,6 +44,9 @@ SCRIPTS: dict[str, list[tuple[str, Any]]] = {
                                  '"escalateTo": "bob", "remindAfterS": 1, "escalateAfterS": 2}'),
                         ("advance", 1.5), ("send", '{"ref": "decision", "value": '
                                                    '{"approved": true, "by": "mallory"}}')],
+    # continued as new after 3 operations: the journal is the second run's, one event long
+    "golden-account": [("send", 'new:account:{"customer": "c1", "continueEvery": 3}')]
+                      + [("send", '{"ref": "ops", "value": {"op": "deposit", "amount": 5}}')] * 4,
 }
 
 
@@ -91,7 +94,7 @@ def test_golden_journal_replays_against_today_s_workflows(path: Path) -> None:
 def test_every_example_has_goldens() -> None:
     assert sorted(p.stem for p in GOLDEN.glob("*.json")) == sorted(SCRIPTS)
     kinds = {json.loads(p.read_text())["workflow"] for p in GOLDEN.glob("*.json")}
-    assert kinds == {"trip", "cart", "order", "approval"}
+    assert kinds == {"trip", "cart", "order", "approval", "account"}
 
 
 def test_a_changed_workflow_fails_its_golden(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -72,11 +72,13 @@ async def approval(arg: dict[str, Any] | None) -> dict[str, Any]:
             entitled.add(str(escalate_to))
             kwf.output_json(notice("request", str(escalate_to)), ESCALATION_TOPIC)
 
-    phases = (
+    # All three count from the start, so they run in time order (a stable sort: on a tie the
+    # reminder comes first, the expiry last); reaching the expiry ends the wait, whatever is left.
+    phases = sorted((
         (float(arg.get("remindAfterS", 2 * DAY)), remind),
         (float(arg.get("escalateAfterS", 5 * DAY)), escalate),
         (float(arg.get("expireAfterS", 14 * DAY)), None),
-    )
+    ), key=lambda phase: phase[0])
     kwf.output_json(notice("request", approver), REQUEST_TOPIC)
     try:
         for after, action in phases:
@@ -86,8 +88,9 @@ async def approval(arg: dict[str, Any] | None) -> dict[str, Any]:
                     return {"status": "approved" if decision.get("approved") else "rejected",
                             "by": by, "comment": decision.get("comment", ""),
                             "escalated": len(entitled) > 1, "after": _now() - start}
-            if action is not None:
-                action()
+            if action is None:
+                break
+            action()
     except asyncio.CancelledError:
         kwf.output_json(notice("withdrawn", approver), REQUEST_TOPIC)
         raise

@@ -30,6 +30,7 @@ from kwf.cli.kafka import register_kafka, register_topics
 from kwf.cli.ops import register_ops
 from kwf.cli.threads import register_threads
 from kwf.cli.up import register_run, register_up
+from kwf.cli.verify import register_verify
 from kwf.config import KafkaSettingsError
 from kwf.engine.admin import KafkaSetupError
 
@@ -78,7 +79,8 @@ def _configure_logging(verbose: bool) -> None:
 
 COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
     register_up, register_run, register_threads, register_ops, register_history, register_dlq,
-    register_kafka, register_topics, register_demo]
+    register_kafka, register_topics, register_demo,
+    register_verify]
 """Top-level commands, in help order; `up` and `demo` register here too."""
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pickle
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from kwf.journal import Journal, decode
@@ -66,3 +66,15 @@ def read_journals(recovery_dir: str | Path, keys: Iterable[str] | None = None) -
     for part in partitions(recovery_dir):
         for _key, data in _rows(part, wanted):
             yield decode(pickle.loads(data))  # noqa: S301 - the engine's own snapshot
+
+
+def snapshots(part: Path, accept: Callable[[str], bool] | None = None) -> Iterator[tuple[str, bytes]]:
+    """The newest snapshot bytes of each thread in one partition file, as ``journal.encode`` made
+    them, for threads whose key ``accept`` takes (all if None).
+
+    For callers that decode themselves, so that a snapshot this kwf cannot decode (an older
+    journal format) is reported against its thread instead of ending the whole read.
+    """
+    for key, data in _rows(part, None):
+        if accept is None or accept(key):
+            yield key, pickle.loads(data)  # noqa: S301 - the engine's own snapshot

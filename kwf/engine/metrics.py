@@ -93,7 +93,8 @@ class _Tally(Collector):
 THREADS_STARTED = Counter("kwf_threads_started", "Threads started (new:, init:, replacements)",
                           ["workflow"])
 THREADS_ENDED = Counter("kwf_threads_ended", "Threads ended, by status: completed, failed, "
-                        "cancelled, parked (replay diverged), replaced (by a new: while running)",
+                        "cancelled, parked (replay diverged), replaced (by a new: while running), "
+                        "continued (continue_as_new: a new run started)",
                         ["workflow", "status"])
 RECORDS = _Tally("kwf_records", "Input records applied, by kind: new, init, resume, error, "
                  "cancel, schedule", "kind")
@@ -112,6 +113,9 @@ TIMER_LATENESS = _Tally("kwf_timer_lateness_seconds", "How long after its due ti
                         "timer fired (wall clock)", buckets=_LATENESS)
 INPUT_LAG = _Tally("kwf_input_lag_seconds", "Age of an input record (wall clock minus its "
                    "Kafka timestamp) when the engine applied it", buckets=_LATENESS)
+JOURNALS_LONG = Counter("kwf_journals_long", "Threads whose journal reached "
+                        "KWF_JOURNAL_WARN_EVENTS events (they should kwf.continue_as_new)",
+                        ["workflow"])
 DELIVERY_FAILURES = Counter("kwf_delivery_failures", "Output records Kafka refused (the "
                             "engine stops on them; see kafka_delivery_failed in the log)")
 
@@ -172,6 +176,9 @@ class PrometheusStats(observe.Stats):
 
     def timer_fired(self, due: float) -> None:
         TIMER_LATENESS.observe(max(time.time() - due, 0.0))
+
+    def journal_long(self, workflow: str) -> None:
+        JOURNALS_LONG.labels(workflow).inc()
 
 
 def install() -> None:
