@@ -52,6 +52,8 @@ class Pod:
                     "BYTEWAX_DATAFLOW_API_PORT": str(API_PORT + ordinal)}
         self.command = [sys.executable if a == "python" else a.replace(MOUNT, str(self.volume))
                         for a in self.container["command"]]
+        self.inits = [[sys.executable if a == "python" else a.replace(MOUNT, str(self.volume))
+                       for a in init["command"]] for init in spec.get("initContainers", [])]
         self.log, self.proc = log, None
         self.api = API_PORT + ordinal
 
@@ -74,6 +76,9 @@ class Pod:
         return env
 
     def start(self) -> Pod:
+        for init in self.inits:  # the deploy gate (kwf verify) must pass before the engine
+            done = subprocess.run(init, env=self.env, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stdout + done.stderr
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(self.command, env=self.env, stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=True)

@@ -177,3 +177,11 @@ def test_verify_reports_a_thread_journaled_in_an_older_format(tmp_path, capsys):
     assert verify(store) == 8
     out = capsys.readouterr().out
     assert "DIVERGED thread='trip-1' workflow=trip" in out and "journal format 1" in out
+
+
+def test_a_first_deploy_passes_the_gate_only_when_asked(tmp_path):
+    """The StatefulSet's init container runs ``verify --missing-ok``: a fresh volume has no
+    partitions yet, which is not an error there; without the flag it is (exit 1)."""
+    fresh = tmp_path / "recovery"
+    assert main(["verify", "--recovery", str(fresh), "--missing-ok"]) == 0
+    assert main(["verify", "--recovery", str(fresh)]) == 1

@@ -74,10 +74,13 @@ class Report:
 def register_verify(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = commands.add_parser(
         "verify", help="replay every live thread of a recovery store against this code",
-        description="Exit 0: every live thread replays; 1: some diverged (listed); 2: nothing "
-                    "could be verified (store or workflow modules).")
+        description="Exit 0: every live thread replays; 8: some diverged (listed); 1: no "
+                    "usable store; 2: the workflow modules do not import.")
     parser.add_argument("--recovery", "-r", required=True, metavar="DIR",
                         help="the engine's recovery directory (part-*.sqlite3), read-only")
+    parser.add_argument("--missing-ok", action="store_true",
+                        help="a directory that is missing or holds no partitions yet passes: a "
+                             "first deploy has no threads to verify (the StatefulSet's gate)")
     parser.add_argument("--workflows", metavar="MODULES",
                         help="comma-separated workflow modules (default: KWF_WORKFLOWS)")
     parser.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 1,
@@ -90,6 +93,9 @@ def verify_command(args: argparse.Namespace) -> int:
     modules = (tuple(m.strip() for m in args.workflows.split(",") if m.strip())
                if args.workflows else settings.workflows)
     began = time.perf_counter()
+    if args.missing_ok and not any(Path(args.recovery).glob("part-*.sqlite3")):
+        print(f"kwf verify: {args.recovery} holds no recovery partitions yet: nothing to verify")
+        return OK
     try:
         report = verify_store(args.recovery, modules, settings, jobs=args.jobs)
     except StoreError as e:
