@@ -55,8 +55,6 @@ class Settings:
     max_live: int = 10_000
     tombstone_retention_s: float = 7 * 24 * 3600.0
     batch_size: int = 50
-    input_idle_s: float = 0.5
-    """A due timer waits for input stamped past it, or for this long a quiet input."""
     """Kafka records per input poll: a due timer waits for the current batch (bench/timers.py)."""
     kafka_properties: Path | None = None
     partitions: int = 3

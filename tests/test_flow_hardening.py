@@ -124,8 +124,8 @@ def test_a_long_thread_id_does_not_stop_the_engine(kafka_brokers, unique):
 # -- the built-in scheduler and the input clock ----------------------------------------------------
 
 class _Part(StatefulSourcePartition[Incoming, None]):
-    def __init__(self, items: list[Any]) -> None:
-        self.items, self.i, self.awake = items, 0, None
+    def __init__(self, items: list[Any], clock: Any) -> None:
+        self.items, self.i, self.awake, self.clock = items, 0, None, clock
 
     def next_batch(self) -> list[Incoming]:
         if self.i >= len(self.items):
@@ -139,6 +139,8 @@ class _Part(StatefulSourcePartition[Incoming, None]):
                 self.awake, self.i = None, self.i + 1
             return []
         self.i += 1
+        if all(isinstance(x, float) for x in self.items[self.i:]):
+            self.clock.reached("p", float("inf"))  # the whole partition (all of it in Kafka) read
         topic, key, value, ts = item
         return [Incoming(topic, key, value, ts, 0, self.i)]
 
@@ -150,16 +152,22 @@ class _Part(StatefulSourcePartition[Incoming, None]):
 
 
 class _PausingSource(FixedPartitionedSource[Incoming, None]):
-    """Records with pauses (floats) between them: a partition that is behind, not idle."""
+    """Records with pauses (floats) between them: a partition that is behind, not idle. All its
+    records are in Kafka from the start: it reaches the input clock once all are read."""
 
     def __init__(self, items: list[Any]) -> None:
         self.items = items
+        self.clock: Any = None
+
+    def bind_clock(self, clock: Any) -> None:
+        self.clock = clock
+        clock.expect(["p"])
 
     def list_parts(self) -> list[str]:
         return ["p"]
 
     def build_part(self, step_id: str, for_part: str, resume: None) -> _Part:
-        return _Part(self.items)
+        return _Part(self.items, self.clock)
 
 
 def test_scheduler_entry_waits_for_a_cancel_already_in_its_partition():
