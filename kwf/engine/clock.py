@@ -21,7 +21,7 @@ watermarks come from ``KafkaProbe`` (``ListOffsets`` requests, asynchronous, eve
 ``PROBE_S``); a probe started at ``t0`` answering ``high`` means every record in the partition at
 ``t0`` sits below ``high``. Partitions another process reads are known through the consumer
 group offsets every reader commits (with its commit time as metadata, so that offsets left by an
-earlier run do not count). A finite in-memory source (``run_flow``) reports ``reached`` directly.
+earlier run do not count; a draining process marks its commits, and its peers drain too). A finite in-memory source (``run_flow``) reports ``reached`` directly.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from datetime import datetime, timezone
 from typing import Any
@@ -162,8 +163,9 @@ class KafkaProbe:
     """
 
     def __init__(self, clock: InputClock, config: dict[str, str], group: str | None,
-                 interval: float) -> None:
+                 interval: float, on_drain: Callable[[], None] | None = None) -> None:
         self._clock = clock
+        self._on_drain = on_drain
         self._config = config
         self._group = group
         self._interval = interval
@@ -221,9 +223,11 @@ class KafkaProbe:
             remote: dict[str, int] = {}
             if committed is not None:
                 for tp in committed.result().topic_partitions:
-                    stamp = _stamp(tp.metadata)
+                    stamp, drain = _stamp(tp.metadata)
                     if tp.error is None and tp.offset >= 0 and stamp >= self._started:
                         remote[f"{tp.topic}/{tp.partition}"] = tp.offset
+                        if drain and self._on_drain is not None:
+                            self._on_drain()  # another process of the cluster drains: so do we
             for part, fut in highs.items():
                 high = fut.result().offset
                 if self._clock.is_local(part):
@@ -241,15 +245,17 @@ def _tp(part: str) -> Any:
     return TopicPartition(topic, int(index))
 
 
-def commit_metadata() -> str:
-    """What a reader stores with its committed offsets: when, so stale commits do not count."""
-    return f"kwf:{time.time():.3f}"
+def commit_metadata(drain: bool = False) -> str:
+    """What a reader stores with its committed offsets: when (so that commits of an earlier run
+    do not count), and whether this process is draining (so that its peers drain too)."""
+    return f"kwf:{time.time():.3f}{':drain' if drain else ''}"
 
 
-def _stamp(metadata: str | None) -> float:
+def _stamp(metadata: str | None) -> tuple[float, bool]:
     if not metadata or not metadata.startswith("kwf:"):
-        return _NEVER
+        return _NEVER, False
+    stamp, _, flag = metadata[4:].partition(":")
     try:
-        return float(metadata[4:])
+        return float(stamp), flag == "drain"
     except ValueError:
-        return _NEVER
+        return _NEVER, False

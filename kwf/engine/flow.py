@@ -212,10 +212,10 @@ def kafka_sources(settings: Settings, clock: InputClock) -> dict[str, Source[Any
     ``clock``; one probe per process asks Kafka for their watermarks.
     """
     from kwf.engine.clock import KafkaProbe
-    from kwf.engine.source import GROUP, KafkaInput
+    from kwf.engine.source import GROUP, KafkaInput, request_drain
 
     config = logs.kafka_client_config(settings)
-    probe = KafkaProbe(clock, config, GROUP, PROBE_S)
+    probe = KafkaProbe(clock, config, GROUP, PROBE_S, on_drain=request_drain)
     return {
         step: KafkaInput(config, topic, clock, probe, settings.batch_size)
         for step, topic in ((STEP_RESUME_IN, settings.resume_topic),

@@ -121,12 +121,12 @@ class _Shared:
     def idle(self) -> bool:
         return not any(self.buffers.values())
 
-    def commit(self) -> None:
+    def commit(self, drain: bool = False) -> None:
         now = time.monotonic()
-        if now < self._next_commit:
+        if now < self._next_commit and not drain:
             return
         self._next_commit = now + COMMIT_S
-        meta = commit_metadata()
+        meta = commit_metadata(drain)
         offsets = [TopicPartition(t, p, o, meta) for (t, p), o in self.positions.items() if o >= 0]
         if offsets:
             try:
@@ -147,6 +147,7 @@ class _Partition(StatefulSourcePartition[Incoming, int]):
     @override
     def next_batch(self) -> list[Incoming]:
         if _drain.is_set():
+            self._shared.commit(drain=True)  # tells the other processes of a cluster to drain
             raise StopIteration
         shared = self._shared
         if not self._buf:
