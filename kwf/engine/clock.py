@@ -66,6 +66,8 @@ class InputClock:
         """Partitions read in this process -> the next offset handed to the dataflow."""
         self._reached: dict[str, float] = {}
         self._pending: dict[str, deque[tuple[float, int]]] = {}
+        self._unplaced: set[str] = set()
+        """Partitions read here from their beginning that have handed out nothing yet."""
         self._wake_by = float("inf")
 
     # -- what sources report -----------------------------------------------------------------
@@ -84,6 +86,7 @@ class InputClock:
         """This process reads ``part`` and has handed out every record below ``next_offset``."""
         with self._lock:
             self._local[part] = next_offset
+            self._unplaced.discard(part)
             pending = self._pending.get(part)
             while pending and pending[0][1] <= next_offset:
                 self._reach(part, pending.popleft()[0])
@@ -111,8 +114,24 @@ class InputClock:
         if t > self._reached.get(part, _NEVER):
             self._reached[part] = t
 
+    def read_here(self, part: str) -> None:
+        """This process reads ``part`` from its beginning, position not known yet."""
+        with self._lock:
+            self._unplaced.add(part)
+
+    def beginning(self, part: str, low: int) -> None:
+        """``part`` starts at ``low`` (a probe's answer): its reader's position until it reads."""
+        with self._lock:
+            if part in self._unplaced and part not in self._local:
+                self._local[part] = low
+            self._unplaced.discard(part)
+
+    def unplaced(self) -> list[str]:
+        with self._lock:
+            return sorted(self._unplaced)
+
     def is_local(self, part: str) -> bool:
-        return part in self._local
+        return part in self._local or part in self._unplaced
 
     def expected(self) -> list[str]:
         with self._lock:
@@ -174,6 +193,7 @@ class KafkaProbe:
         self._next = 0.0
         self._lock = threading.Lock()
         self._started = time.time()
+        self._quiet_until = 0.0
 
     def tick(self) -> None:
         if not self._lock.acquire(blocking=False):
@@ -199,6 +219,14 @@ class KafkaProbe:
         tps = {_tp(p): OffsetSpec.latest() for p in parts}  # type: ignore[no-untyped-call]
         t0 = time.time()
         try:
+            unplaced = self._clock.unplaced()
+            if unplaced:  # where they start: answered before the watermarks are looked at
+                lows = self._admin.list_offsets(
+                    {_tp(p): OffsetSpec.earliest() for p in unplaced},  # type: ignore[no-untyped-call]
+                    request_timeout=5)
+                for tp, fut in lows.items():
+                    part = f"{tp.topic}/{tp.partition}"
+                    fut.add_done_callback(lambda f, part=part: self._placed(part, f))
             highs = self._admin.list_offsets(tps, request_timeout=5)
             remote = [p for p in parts if not self._clock.is_local(p)]
             committed = None
@@ -207,10 +235,14 @@ class KafkaProbe:
                 committed = self._admin.list_consumer_group_offsets([req], request_timeout=5)
                 committed = committed[self._group]
         except Exception as e:  # noqa: BLE001 - a probe failure must not stop the engine
-            log.warning("input_clock_probe_failed", error=str(e))
+            self._failed(e)
             return
         by_part = {f"{tp.topic}/{tp.partition}": fut for tp, fut in highs.items()}
         self._inflight = (t0, committed, by_part)
+
+    def _placed(self, part: str, fut: Future[Any]) -> None:
+        if fut.exception() is None:
+            self._clock.beginning(part, fut.result().offset)
 
     def _harvest(self) -> None:
         if self._inflight is None:
@@ -219,23 +251,29 @@ class KafkaProbe:
         if not all(f.done() for f in highs.values()) or (committed and not committed.done()):
             return
         self._inflight = None
-        try:
-            remote: dict[str, int] = {}
-            if committed is not None:
-                for tp in committed.result().topic_partitions:
-                    stamp, drain = _stamp(tp.metadata)
-                    if tp.error is None and tp.offset >= 0 and stamp >= self._started:
-                        remote[f"{tp.topic}/{tp.partition}"] = tp.offset
-                        if drain and self._on_drain is not None:
-                            self._on_drain()  # another process of the cluster drains: so do we
-            for part, fut in highs.items():
-                high = fut.result().offset
-                if self._clock.is_local(part):
-                    self._clock.watermark(part, t0, high)
-                elif part in remote:
-                    self._clock.remote(part, t0, high, remote[part])
-        except Exception as e:  # noqa: BLE001 - idem: report nothing, timers wait
-            log.warning("input_clock_probe_failed", error=str(e))
+        remote: dict[str, int] = {}
+        if committed is not None and committed.exception() is None:
+            for tp in committed.result().topic_partitions:
+                stamp, drain = _stamp(tp.metadata)
+                if tp.error is None and tp.offset >= 0 and stamp >= self._started:
+                    remote[f"{tp.topic}/{tp.partition}"] = tp.offset
+                    if drain and self._on_drain is not None:
+                        self._on_drain()  # another process of the cluster drains: so do we
+        for part, fut in highs.items():
+            if fut.exception() is not None:  # this partition reports nothing: its timers wait
+                self._failed(fut.exception())
+                continue
+            high = fut.result().offset
+            if self._clock.is_local(part):
+                self._clock.watermark(part, t0, high)
+            elif part in remote:
+                self._clock.remote(part, t0, high, remote[part])
+
+    def _failed(self, error: BaseException | None) -> None:
+        now = time.monotonic()
+        if now >= self._quiet_until:  # an outage fails every probe: say so every 10 s
+            self._quiet_until = now + 10.0
+            log.warning("input_clock_probe_failed", error=str(error))
 
 
 def _tp(part: str) -> Any:

@@ -11,8 +11,8 @@ that timers and epochs keep moving, and it returns at once when a message arrive
 
 Positions: a partition's Bytewax state is the next offset to read, exactly as ``KafkaSource``
 keeps it (same step ids, same partition names ``{index}-{topic}``), so a recovery store written
-by either resumes with the other. A partition without state starts at the partition's beginning
-(the low watermark), never at its end. Positions are also committed to the consumer group
+by either resumes with the other. A partition without state starts at the partition's beginning,
+never at its end. Positions are also committed to the consumer group
 ``kwf-engine`` (not used to resume: for lag tools and for other processes' input clocks).
 
 Errors: a broker outage is retried by librdkafka and logged; consumer errors are logged; only a
@@ -219,11 +219,12 @@ class KafkaInput(FixedPartitionedSource[Incoming, int]):
         tp = (topic, int(index))
         shared = _worker_shared(self._config, self._clock, self._probe)
         offset = resume_state if resume_state is not None and resume_state >= 0 else None
-        if offset is None:
-            offset = _beginning(shared.consumer, tp)
-        shared.assign(tp, offset)
-        if offset >= 0:
+        if offset is None:  # never the end: what arrived while no engine ran would be skipped
+            offset = OFFSET_BEGINNING
+            self._clock.read_here(f"{topic}/{index}")
+        else:
             self._clock.position(f"{topic}/{index}", offset)
+        shared.assign(tp, offset)
         log.info("input_partition", step=step_id, partition=for_part, offset=offset,
                  resumed=resume_state is not None)
         return _Partition(shared, tp, offset, self._batch)
@@ -241,13 +242,3 @@ def _worker_shared(config: dict[str, str], clock: InputClock, probe: KafkaProbe)
         if shared is None or shared.clock is not clock:
             shared = _by_thread[ident] = _Shared(config, clock, probe)
         return shared
-
-
-def _beginning(consumer: Consumer, tp: tuple[str, int]) -> int:
-    """The partition's low watermark: where a partition with no stored offset starts."""
-    try:
-        low, _ = consumer.get_watermark_offsets(TopicPartition(*tp), timeout=10)
-        return int(low)
-    except KafkaException as e:
-        log.warning("input_start_offset_unknown", partition=f"{tp[0]}/{tp[1]}", error=str(e))
-        return OFFSET_BEGINNING
