@@ -107,7 +107,18 @@ class _Shared:
             self.waiter = tp
 
     def fill(self, timeout: float) -> None:
-        for msg in self.consumer.consume(500, timeout):
+        """Buffer what the consumer has; wait up to ``timeout`` for the first message only.
+
+        (``consume(n, timeout)`` waits for ``n`` messages or the whole timeout; ``poll``
+        returns at the first.)"""
+        msgs: list[Message] = []
+        if timeout > 0:
+            first = self.consumer.poll(timeout)
+            if first is None:
+                return
+            msgs.append(first)
+        msgs += self.consumer.consume(500, 0)
+        for msg in msgs:
             err = msg.error()
             if err is None:
                 buf = self.buffers.get((msg.topic() or "", msg.partition() or 0))
