@@ -214,6 +214,8 @@ def main() -> None:
     ap.add_argument("--snapshot-interval", default="1")
     ap.add_argument("--idle-s", type=float, default=5.0, help="idle CPU measured this long")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--profile", help="py-spy the engine during the loaded runs: collapsed "
+                                      "stacks to this file, top functions printed")
     ap.add_argument("--replier", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     prefix = os.environ.get("KWF_E2E_PREFIX", f"e2e-{uuid.uuid4().hex[:8]}")
@@ -256,6 +258,11 @@ def main() -> None:
             idle = (_cpu_s(engine.pid) - c0) / (time.time() - t0)
             results["idle_engine_cores"] = round(idle, 3)
             print(f"idle engine: {idle * 100:.1f}% of a core   ({_uptime()})", flush=True)
+            spy = None
+            if args.profile:
+                spy = subprocess.Popen(["py-spy", "record", "--pid", str(engine.pid), "-r", "250",
+                                        "--format", "raw", "-o", args.profile],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for shape in args.shapes.split(","):
                 for n in (int(x) for x in args.ns.split(",")):
                     if n == 1:
@@ -265,6 +272,10 @@ def main() -> None:
                     results["runs"].append(row)
                     print(json.dumps(row), flush=True)
                     time.sleep(2)
+            if spy is not None:
+                spy.send_signal(2)
+                spy.wait(60)
+                results["profile_top"] = _top(Path(args.profile))
         finally:
             rep.kill()
             engine.terminate()
@@ -273,6 +284,22 @@ def main() -> None:
     _table(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def _top(collapsed: Path, n: int = 15) -> list[tuple[str, float]]:
+    """The functions the engine spent most samples in (self time), from py-spy's raw output."""
+    self_: dict[str, int] = {}
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        leaf = stack.rsplit(";", 1)[-1]
+        self_[leaf] = self_.get(leaf, 0) + int(count)
+        total += int(count)
+    top = sorted(self_.items(), key=lambda kv: -kv[1])[:n]
+    print(f"\nengine profile: {total} samples; top self time")
+    for name, count in top:
+        print(f"  {count / total * 100:5.1f}%  {name}")
+    return [(name, round(count / total * 100, 1)) for name, count in top]
 
 
 def _table(results: dict[str, Any]) -> None:

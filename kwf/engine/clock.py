@@ -69,6 +69,7 @@ class InputClock:
         self._unplaced: set[str] = set()
         """Partitions read here from their beginning that have handed out nothing yet."""
         self._wake_by = float("inf")
+        self._held = False
 
     # -- what sources report -----------------------------------------------------------------
 
@@ -155,8 +156,14 @@ class InputClock:
         wall = time.time()
         if due <= wall and due > self.now():
             due = wall + self.RECHECK_S
+            self._held = True
         self.wake_by(due)
         return utc(due)
+
+    def held(self) -> bool:
+        """Whether a due timer was held back since the last call: the input needs a fresh probe."""
+        held, self._held = self._held, False
+        return held
 
     def wake_by(self, t: float) -> None:
         """A timer wants a callback by ``t``: an idle source's wait ends by then."""
@@ -174,12 +181,15 @@ class InputClock:
 
 class KafkaProbe:
     """Asks Kafka for the high watermark of every expected partition (and, in a cluster, for the
-    offsets the other processes committed), every ``interval`` seconds, without blocking.
+    offsets the other processes committed), without blocking: every ``interval`` seconds while
+    a due timer is held back, every ``IDLE_S`` otherwise (so that an idle engine stays cheap).
 
     ``tick()`` is called by a source on each activation; it harvests a finished probe into the
     clock and starts the next one when due. A probe that fails (a broker outage) reports
     nothing: timers wait for the input rather than fire on a guess.
     """
+
+    IDLE_S = 0.5
 
     def __init__(self, clock: InputClock, config: dict[str, str], group: str | None,
                  interval: float, on_drain: Callable[[], None] | None = None) -> None:
@@ -201,7 +211,8 @@ class KafkaProbe:
         try:
             self._harvest()
             now = time.monotonic()
-            if self._inflight is None and now >= self._next:
+            if self._inflight is None and (now >= self._next + self.IDLE_S - self._interval
+                                           or (now >= self._next and self._clock.held())):
                 self._next = now + self._interval
                 self._start()
         finally:

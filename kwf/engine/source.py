@@ -48,7 +48,8 @@ log = structlog.get_logger("kwf.engine.source")
 IDLE_WAIT_S = 0.02
 """The longest an idle worker blocks in Kafka: bounds timer lateness and idle CPU (50 wakeups/s)."""
 COMMIT_S = 0.05
-"""How often positions are committed to the consumer group (for other processes' clocks)."""
+"""How often moved positions are committed to the consumer group (other processes' clocks)."""
+COMMIT_IDLE_S = 5.0
 GROUP = "kwf-engine"
 _LOG_EVERY_S = 10.0
 
@@ -87,6 +88,8 @@ class _Shared:
         self.waiter: tuple[str, int] | None = None
         self.handed = 0
         self._next_commit = 0.0
+        self._next_idle_commit = 0.0
+        self._committed: dict[tuple[str, int], int] = {}
         self._logged: dict[str, float] = {}
 
     def _on_error(self, err: KafkaError) -> None:
@@ -133,10 +136,15 @@ class _Shared:
         return not any(self.buffers.values())
 
     def commit(self, drain: bool = False) -> None:
+        """Commit positions that moved (at most every ``COMMIT_S``), or all every
+        ``COMMIT_IDLE_S``, or at once with the drain mark."""
         now = time.monotonic()
-        if now < self._next_commit and not drain:
+        if not drain and (now < self._next_commit or (self.positions == self._committed
+                                                     and now < self._next_idle_commit)):
             return
         self._next_commit = now + COMMIT_S
+        self._next_idle_commit = now + COMMIT_IDLE_S
+        self._committed = dict(self.positions)
         meta = commit_metadata(drain)
         offsets = [TopicPartition(t, p, o, meta) for (t, p), o in self.positions.items() if o >= 0]
         if offsets:
@@ -161,15 +169,16 @@ class _Partition(StatefulSourcePartition[Incoming, int]):
             self._shared.commit(drain=True)  # tells the other processes of a cluster to drain
             raise StopIteration
         shared = self._shared
+        waiter = shared.waiter == self._tp
+        if waiter:  # once per round, busy or not: the clock's probe and the commits
+            shared.probe.tick()
+            shared.commit()
         if not self._buf:
-            waiter = shared.waiter == self._tp
             wait = 0.0
             if waiter:
                 if shared.handed == 0 and shared.idle():
                     wait = shared.clock.wait_s(IDLE_WAIT_S)
                 shared.handed = 0
-                shared.probe.tick()
-                shared.commit()
             shared.fill(wait)
             if not self._buf:
                 return []
