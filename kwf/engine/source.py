@@ -68,8 +68,8 @@ def draining() -> bool:
 def _incoming(msg: Message) -> Incoming:
     kind, ms = msg.timestamp()
     stamp = ms / 1000 if kind != TIMESTAMP_NOT_AVAILABLE and ms >= 0 else time.time()
-    topic, part, offset = msg.topic() or "", msg.partition(), msg.offset()
-    return Incoming(topic, msg.key(), msg.value(), stamp, f"{topic}/{part}/{offset}")
+    return Incoming(msg.topic() or "", msg.key(), msg.value(), stamp, msg.partition() or 0,
+                    msg.offset() or 0)
 
 
 class _Shared:
@@ -184,7 +184,7 @@ class _Partition(StatefulSourcePartition[Incoming, int]):
                 return []
         buf, n = self._buf, min(self._batch, len(self._buf))
         out = [_incoming(buf.popleft()) for _ in range(n)]
-        self._next = int(out[-1].source.rpartition("/")[2]) + 1
+        self._next = out[-1].offset + 1
         shared.positions[self._tp] = self._next
         shared.handed += n
         shared.clock.position(self._name, self._next)
