@@ -171,12 +171,11 @@ class _PausingSource(FixedPartitionedSource[Incoming, None]):
 
 
 def test_scheduler_entry_waits_for_a_cancel_already_in_its_partition():
-    """InputClock: a timer due at t fires once *every* input partition has delivered a record
-    stamped t or later, or was quiet for KWF_INPUT_IDLE_S (0.5 s). Scheduler records never call
-    ``InputClock.saw`` (only ``_ThreadLogic.on_item`` does), so a workflow-scheduler partition
-    that is behind (here: last record stamped before the due time, heard 0.2 s ago) does not
-    hold anything back: the entry fires although its cancel, stamped before the due time, is
-    next in line. ``kwf.testing.Engine`` applies the cancel first and writes nothing."""
+    """InputClock: a timer due at t fires once *every* input partition, the scheduler's too, has
+    been read past what it held at t. A workflow-scheduler partition that is behind (its cancel,
+    stamped before the due time, is next in line) holds the entry back: the cancel is applied
+    first and nothing is written, as ``kwf.testing.Engine`` does. (The old quiet-time clock was
+    fed only by thread records and fired the entry.)"""
     t0 = time.time() - 100
     items = [
         ("workflow-resume", "x", '{"ref": "a"}', t0 + 50),  # the resume topic is up to date
@@ -324,12 +323,11 @@ def test_guard_one_worker_a_met_deadline_behind_a_backlog_is_met():
 
 
 def test_two_workers_a_met_deadline_behind_a_backlog_is_met():
-    """The InputClock is per worker and only ``_ThreadLogic.on_item`` feeds it, so a worker hears
-    a partition only through the records of the threads *it* owns. With -w 2, the backlog of
-    other threads' records goes to the other worker; this worker's clock thinks the partition
-    is quiet after 0.5 s, fires the deadline on the wall clock, and the reply already waiting in
-    the partition (stamped before the deadline) loses: "timed out" instead of "ok". (Runs last:
-    cluster_main installs a process-wide panic hook.)"""
+    """The InputClock is per process and fed by the source, not by the records a worker's threads
+    get: with -w 2 the backlog of other threads' records goes to the other worker, yet the
+    deadline waits until the partition is read, and the reply already waiting in it (stamped
+    before the deadline) wins. (The old per-worker quiet-time clock fired the deadline: "timed
+    out".) Runs last: cluster_main installs a process-wide panic hook."""
     from bytewax.testing import cluster_main
 
     out: list[Record] = []
