@@ -16,7 +16,6 @@ import threading
 import time
 import zlib
 from collections.abc import Mapping
-from typing import Any
 
 import structlog
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
@@ -48,14 +47,6 @@ class DeliveryError(RuntimeError):
     """Kafka refused records; the dataflow stops so that a restart produces them again."""
 
 
-def _encode(value: str | bytes | None) -> bytes | None:
-    return value.encode("utf-8") if isinstance(value, str) else value
-
-
-def _kafka_headers(rec: Record) -> list[tuple[str, bytes]]:
-    return [(name, v.encode("utf-8") if isinstance(v, str) else v) for name, v in rec.headers]
-
-
 class _Producer:
     """One producer per worker thread, shared by the sink partitions that worker holds."""
 
@@ -63,8 +54,11 @@ class _Producer:
         self.failures: list[str] = []
         # Client-level errors (brokers down...) go to the config's error_cb
         # (kwf.engine.logs.kafka_client_config): librdkafka retries them; a record is lost only
-        # when its own delivery fails, which the delivery callback reports.
-        self.producer = Producer({**PRODUCER_DEFAULTS, **config})
+        # when its own delivery fails, which the delivery callback reports. Delivery reports
+        # come for failures only: no Python callback per acknowledged record.
+        self.producer = Producer({**PRODUCER_DEFAULTS, **config,
+                                  "on_delivery": self._on_delivery,
+                                  "delivery.report.only.error": True})
         self.sent = 0
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
@@ -74,15 +68,13 @@ class _Producer:
             self.failures.append(f"{msg.topic()} key={_clip(shown)!r}: {err.str()}")
 
     def produce(self, rec: Record) -> None:
-        kwargs: dict[str, Any] = {
-            "topic": rec.topic, "key": _encode(rec.key), "value": _encode(rec.value),
-            "headers": _kafka_headers(rec), "on_delivery": self._on_delivery,
-        }
-        if rec.timestamp > 0:  # 0 means "now" to librdkafka
-            kwargs["timestamp"] = round(rec.timestamp * 1000)
+        # str keys, values and header values go as they are: the client encodes them as UTF-8.
+        stamp = round(rec.timestamp * 1000) if rec.timestamp > 0 else 0  # 0: "now"
+        headers: list[tuple[str, str | bytes | None]] = list(rec.headers)
         while True:
             try:
-                self.producer.produce(**kwargs)
+                self.producer.produce(rec.topic, rec.value, rec.key, headers=headers,
+                                      timestamp=stamp)
                 self.sent += 1
                 return
             except BufferError:  # the local queue is full: let deliveries drain it
