@@ -260,7 +260,7 @@ def main() -> None:
             print(f"idle engine: {idle * 100:.1f}% of a core   ({_uptime()})", flush=True)
             spy = None
             if args.profile:
-                spy = subprocess.Popen(["py-spy", "record", "--pid", str(engine.pid), "-r", "250",
+                spy = subprocess.Popen(["py-spy", "record", "--pid", str(engine.pid), "-r", "250", "--idle",
                                         "--format", "raw", "-o", args.profile],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for shape in args.shapes.split(","):

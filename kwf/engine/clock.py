@@ -56,7 +56,7 @@ class InputClock:
     expected (an input that does not report) it is the wall clock.
     """
 
-    RECHECK_S = 0.01
+    RECHECK_S = 0.005
     """How often a held-back timer looks again (instead of a busy loop)."""
 
     def __init__(self) -> None:
@@ -70,6 +70,8 @@ class InputClock:
         """Partitions read here from their beginning that have handed out nothing yet."""
         self._wake_by = float("inf")
         self._held = False
+        self.on_held: Callable[[], None] | None = None
+        """Called when a due timer is held back: ``KafkaProbe`` asks Kafka at once."""
 
     # -- what sources report -----------------------------------------------------------------
 
@@ -157,6 +159,8 @@ class InputClock:
         if due <= wall and due > self.now():
             due = wall + self.RECHECK_S
             self._held = True
+            if self.on_held is not None:
+                self.on_held()
         self.wake_by(due)
         return utc(due)
 
@@ -184,8 +188,9 @@ class KafkaProbe:
     offsets the other processes committed), without blocking: every ``interval`` seconds while
     a due timer is held back, every ``IDLE_S`` otherwise (so that an idle engine stays cheap).
 
-    ``tick()`` is called by a source on each activation; it harvests a finished probe into the
-    clock and starts the next one when due. A probe that fails (a broker outage) reports
+    ``tick()`` is called by a source on each activation and by the clock when it holds a timer
+    back; it starts a probe when one is due. Answers reach the clock as they arrive (future
+    callbacks), so a held timer's next look sees them. A probe that fails (a broker outage) reports
     nothing: timers wait for the input rather than fire on a guess.
     """
 
@@ -204,6 +209,8 @@ class KafkaProbe:
         self._lock = threading.Lock()
         self._started = time.time()
         self._quiet_until = 0.0
+        self._hlock = threading.Lock()
+        clock.on_held = self.tick
 
     def tick(self) -> None:
         if not self._lock.acquire(blocking=False):
@@ -250,18 +257,21 @@ class KafkaProbe:
             return
         by_part = {f"{tp.topic}/{tp.partition}": fut for tp, fut in highs.items()}
         self._inflight = (t0, committed, by_part)
+        for fut in [*by_part.values(), *([committed] if committed is not None else [])]:
+            fut.add_done_callback(lambda _: self._harvest())
 
     def _placed(self, part: str, fut: Future[Any]) -> None:
         if fut.exception() is None:
             self._clock.beginning(part, fut.result().offset)
 
     def _harvest(self) -> None:
-        if self._inflight is None:
-            return
-        t0, committed, highs = self._inflight
-        if not all(f.done() for f in highs.values()) or (committed and not committed.done()):
-            return
-        self._inflight = None
+        with self._hlock:
+            if self._inflight is None:
+                return
+            t0, committed, highs = self._inflight
+            if not all(f.done() for f in highs.values()) or (committed and not committed.done()):
+                return
+            self._inflight = None
         remote: dict[str, int] = {}
         if committed is not None and committed.exception() is None:
             for tp in committed.result().topic_partitions:
