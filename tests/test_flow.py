@@ -331,8 +331,8 @@ def test_engine_refuses_to_start_within_10_s_when_brokers_are_unreachable(tmp_pa
 
 def test_a_backlog_is_applied_before_the_timers_it_precedes() -> None:
     """Records already waiting (stamped before a deadline) win over the wall clock: after an
-    outage every timer is due, yet replies sent in time must still count. (With the input clock
-    disabled, ``input_idle_s=0``, this flow abandons the carts that the Engine orders.)"""
+    outage every timer is due, yet replies sent in time must still count. (Without the input
+    clock this flow abandons the carts that the Engine orders.)"""
     t0 = time.time() - 60  # the whole conversation happened a minute ago; the engine was down
     records: list[Any] = []
     for i in range(4):

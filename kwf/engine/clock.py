@@ -196,7 +196,7 @@ class KafkaProbe:
 
     IDLE_S = 0.5
 
-    def __init__(self, clock: InputClock, config: dict[str, str], group: str | None,
+    def __init__(self, clock: InputClock, config: dict[str, Any], group: str | None,
                  interval: float, on_drain: Callable[[], None] | None = None) -> None:
         self._clock = clock
         self._on_drain = on_drain

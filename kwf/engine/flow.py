@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from types import FrameType
 from typing import Any, NamedTuple
 
 import bytewax.operators as op
@@ -292,14 +293,20 @@ def _drain_on_sigterm() -> None:
     step with one worker, every millisecond on the main thread of a cluster process)."""
     import signal
 
-    from kwf.engine.source import request_drain
+    from kwf.engine.source import draining, request_drain
 
-    def on_sigterm(signum: int, _frame: object) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        if draining() and callable(previous):  # a second SIGTERM: stop now (kwf.engine.logs)
+            previous(signum, frame)
+            return
         log.info("engine_draining", signal=signum)
         request_drain()
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 class StartupError(RuntimeError):

@@ -16,6 +16,7 @@ import threading
 import time
 import zlib
 from collections.abc import Mapping
+from typing import Any
 
 import structlog
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
@@ -47,6 +48,16 @@ class DeliveryError(RuntimeError):
     """Kafka refused records; the dataflow stops so that a restart produces them again."""
 
 
+def _encode(value: str | bytes | None) -> bytes | None:
+    """What a key or value is on the wire (the client encodes ``str`` the same way)."""
+    return value.encode("utf-8") if isinstance(value, str) else value
+
+
+def _kafka_headers(rec: Record) -> list[tuple[str, str | bytes | None]]:
+    """Headers as the client takes them; raises UnicodeEncodeError where it would."""
+    return [(name, v.encode("utf-8") if isinstance(v, str) else v) for name, v in rec.headers]
+
+
 class _Producer:
     """One producer per worker thread, shared by the sink partitions that worker holds."""
 
@@ -70,7 +81,7 @@ class _Producer:
     def produce(self, rec: Record) -> None:
         # str keys, values and header values go as they are: the client encodes them as UTF-8.
         stamp = round(rec.timestamp * 1000) if rec.timestamp > 0 else 0  # 0: "now"
-        headers: list[tuple[str, str | bytes | None]] = list(rec.headers)
+        headers = _kafka_headers(rec)
         while True:
             try:
                 self.producer.produce(rec.topic, rec.value, rec.key, headers=headers,

@@ -75,14 +75,13 @@ def _incoming(msg: Message) -> Incoming:
 class _Shared:
     """One worker's consumer, its per-partition buffers and its waiter."""
 
-    def __init__(self, config: dict[str, str], clock: InputClock, probe: KafkaProbe) -> None:
+    def __init__(self, config: dict[str, Any], clock: InputClock, probe: KafkaProbe) -> None:
         self.clock = clock
         self.probe = probe
         self.consumer = Consumer({
             **config, "group.id": GROUP, "enable.auto.commit": "false",
             "enable.auto.offset.store": "false", "enable.partition.eof": "false",
-            "error_cb": self._on_error,
-        })
+        })  # client-level errors go to the config's error_cb (kwf.engine.logs)
         self.buffers: dict[tuple[str, int], deque[Message]] = {}
         self.positions: dict[tuple[str, int], int] = {}
         self.waiter: tuple[str, int] | None = None
@@ -91,9 +90,6 @@ class _Shared:
         self._next_idle_commit = 0.0
         self._committed: dict[tuple[str, int], int] = {}
         self._logged: dict[str, float] = {}
-
-    def _on_error(self, err: KafkaError) -> None:
-        self._log("kafka_consumer_error", err)
 
     def _log(self, event: str, err: KafkaError) -> None:
         now = time.monotonic()
@@ -203,14 +199,14 @@ class KafkaInput(FixedPartitionedSource[Incoming, int]):
     """Every partition of ``topic``, read by the worker Bytewax assigns it to.
 
     Args:
-        config: librdkafka settings (``Settings.kafka_config()``).
+        config: librdkafka settings (``kwf.engine.logs.kafka_client_config``).
         topic: the topic; its partition list is read once, at start.
         clock: the process's input clock; told the partitions and the positions.
         probe: asks Kafka for watermarks for the clock; ticked by idle partitions.
         batch_size: the most records one partition hands out per call.
     """
 
-    def __init__(self, config: dict[str, str], topic: str, clock: InputClock, probe: KafkaProbe,
+    def __init__(self, config: dict[str, Any], topic: str, clock: InputClock, probe: KafkaProbe,
                  batch_size: int) -> None:
         self._config = dict(config)
         self._topic = topic
@@ -254,7 +250,7 @@ _by_thread: dict[int, _Shared] = {}
 _by_thread_lock = threading.Lock()
 
 
-def _worker_shared(config: dict[str, str], clock: InputClock, probe: KafkaProbe) -> _Shared:
+def _worker_shared(config: dict[str, Any], clock: InputClock, probe: KafkaProbe) -> _Shared:
     """The calling worker's consumer (a Bytewax worker is one OS thread)."""
     ident = threading.get_ident()
     with _by_thread_lock:
