@@ -133,6 +133,11 @@ class InputClock:
         with self._lock:
             return sorted(self._unplaced)
 
+    def clustered(self) -> bool:
+        """Whether other processes read some of the input (the clock needs their commits)."""
+        with self._lock:
+            return bool(self._expected - self._local.keys() - self._unplaced)
+
     def is_local(self, part: str) -> bool:
         return part in self._local or part in self._unplaced
 

@@ -12,8 +12,8 @@ that timers and epochs keep moving, and it returns at once when a message arrive
 Positions: a partition's Bytewax state is the next offset to read, exactly as ``KafkaSource``
 keeps it (same step ids, same partition names ``{index}-{topic}``), so a recovery store written
 by either resumes with the other. A partition without state starts at the partition's beginning,
-never at its end. Positions are also committed to the consumer group
-``kwf-engine`` (not used to resume: for lag tools and for other processes' input clocks).
+never at its end. In a cluster, positions are also committed to the consumer group
+``kwf-engine`` (never used to resume: for the other processes' input clocks, and lag tools).
 
 Errors: a broker outage is retried by librdkafka and logged; consumer errors are logged; only a
 fatal client error stops the engine. ``request_drain()`` (SIGTERM) ends every partition: Bytewax
@@ -81,6 +81,8 @@ class _Shared:
         self.consumer = Consumer({
             **config, "group.id": GROUP, "enable.auto.commit": "false",
             "enable.auto.offset.store": "false", "enable.partition.eof": "false",
+            # Commits still pending at exit (a broker outage) hold the process this long.
+            "socket.timeout.ms": "10000",
         })  # client-level errors go to the config's error_cb (kwf.engine.logs)
         self.buffers: dict[tuple[str, int], deque[Message]] = {}
         self.positions: dict[tuple[str, int], int] = {}
@@ -134,6 +136,8 @@ class _Shared:
     def commit(self, drain: bool = False) -> None:
         """Commit positions that moved (at most every ``COMMIT_S``), or all every
         ``COMMIT_IDLE_S``, or at once with the drain mark."""
+        if not self.clock.clustered():
+            return  # nobody else needs them, and a pending commit delays exit in an outage
         now = time.monotonic()
         if not drain and (now < self._next_commit or (self.positions == self._committed
                                                      and now < self._next_idle_commit)):
