@@ -47,7 +47,8 @@ def _offsets(items: Sequence[Any]) -> list[int]:
 
 class _Partition(StatefulSourcePartition[Incoming, int]):
     def __init__(self, items: Sequence[Any], stamp: float, linger: float, batch_size: int,
-                 resume: int | None) -> None:
+                 resume: int | None, clock: Any) -> None:
+        self._clock = clock
         self._items = items
         self._offsets = _offsets(items)
         self._stamp = stamp
@@ -79,6 +80,8 @@ class _Partition(StatefulSourcePartition[Incoming, int]):
                 continue
             batch.append(_incoming(item, self._offsets[self._emitted], self._stamp))
             self._emitted += 1
+        if self._pos >= len(self._items) and self._clock is not None:
+            self._clock.reached(_PART, float("inf"))  # read to its end, and it never grows
         if self._pos >= len(self._items) and not batch:
             if self._linger > 0 and self._awake is None:
                 self._awake = datetime.now(timezone.utc) + timedelta(seconds=self._linger)
@@ -104,6 +107,12 @@ class ListSource(FixedPartitionedSource[Incoming, int]):
         self._stamp = time.time() if stamp is None else stamp
         self._linger = linger
         self._batch_size = batch_size
+        self._clock: Any = None
+
+    def bind_clock(self, clock: Any) -> None:
+        """Report to ``kwf.engine.clock.InputClock``: timers wait until the list is read."""
+        self._clock = clock
+        clock.expect([_PART])
 
     @override
     def list_parts(self) -> list[str]:
@@ -111,4 +120,5 @@ class ListSource(FixedPartitionedSource[Incoming, int]):
 
     @override
     def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _Partition:
-        return _Partition(self._items, self._stamp, self._linger, self._batch_size, resume_state)
+        return _Partition(self._items, self._stamp, self._linger, self._batch_size, resume_state,
+                          self._clock)

@@ -59,8 +59,6 @@ class Settings:
     max_journal_events: int = 50_000
     """A thread whose journal would exceed this fails: it should ``kwf.continue_as_new``."""
     batch_size: int = 50
-    input_idle_s: float = 0.5
-    """A due timer waits for input stamped past it, or for this long a quiet input."""
     """Kafka records per input poll: a due timer waits for the current batch (bench/timers.py)."""
     kafka_properties: Path | None = None
     partitions: int = 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +22,9 @@ import evolve_workflows as ew  # noqa: E402  (at import: modules declare their t
 from workflows import trip_booking  # noqa: E402  (registered by load_modules above)
 
 RESUME = Settings().resume_topic
-T0 = 1_700_000_000.0
+T0 = float(int(time.time()))
+"""Records are stamped now: with timestamps in the past, their timers (10 minutes) would be due
+by the wall clock as soon as the engine has read its input, and fire."""
 
 
 @pytest.fixture(autouse=True)

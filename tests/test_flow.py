@@ -331,8 +331,8 @@ def test_engine_refuses_to_start_within_10_s_when_brokers_are_unreachable(tmp_pa
 
 def test_a_backlog_is_applied_before_the_timers_it_precedes() -> None:
     """Records already waiting (stamped before a deadline) win over the wall clock: after an
-    outage every timer is due, yet replies sent in time must still count. (With the input clock
-    disabled, ``input_idle_s=0``, this flow abandons the carts that the Engine orders.)"""
+    outage every timer is due, yet replies sent in time must still count. (Without the input
+    clock this flow abandons the carts that the Engine orders.)"""
     t0 = time.time() - 60  # the whole conversation happened a minute ago; the engine was down
     records: list[Any] = []
     for i in range(4):
@@ -349,21 +349,34 @@ def test_a_backlog_is_applied_before_the_timers_it_precedes() -> None:
     assert_same(flow_out, engine_outputs(records, fw.ALL))
 
 
-def test_input_clock_waits_for_every_partition_it_hears_from(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A fresh partition cannot vouch for one still behind; a quiet one stops holding timers."""
-    from kwf.engine.flow import InputClock
-    from kwf.protocol import Incoming
+def test_input_clock_holds_timers_until_every_partition_reached_its_watermark(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A partition reaches time t once its reader is past the high watermark it had at t; the
+    clock is the wall clock held back to the least-reached partition, local or remote."""
+    from kwf.engine.clock import InputClock
 
-    mono = [100.0]
-    monkeypatch.setattr(time, "monotonic", lambda: mono[0])
     monkeypatch.setattr(time, "time", lambda: 5000.0)
-    clock = InputClock(idle_s=0.5)
-    assert clock.now() == float("-inf")  # just started: wait for the input
-    clock.saw(Incoming(RESUME, "a", "x", 1000.0, 0, 7))
-    clock.saw(Incoming(RESUME, "b", "x", 4990.0, 1, 9))
-    assert clock.now() == 1000.0  # partition 0 is an hour behind
-    clock.saw(Incoming(RESUME, "a", "x", 1200.0, 0, 8))
-    assert clock.now() == 1200.0
-    mono[0] += 0.6  # both quiet now: the wall clock rules
-    assert clock.now() == 5000.0
-    assert InputClock(idle_s=0).now() == 5000.0  # 0 turns it off
+    clock = InputClock()
+    assert clock.now() == 5000.0  # no partition reports: the wall clock
+    clock.expect(["r/0", "r/1", "s/0"])
+    assert clock.now() == float("-inf")  # nothing known yet: wait for the input
+    clock.position("r/0", 10)
+    clock.watermark("r/0", 4000.0, 10)  # caught up at 4000
+    clock.position("r/1", 3)
+    clock.watermark("r/1", 4100.0, 8)  # 5 records behind what it held at 4100
+    clock.remote("s/0", 4200.0, 7, 7)  # another process read it past its watermark
+    assert clock.now() == float("-inf")  # r/1 has reached nothing yet
+    clock.position("r/1", 7)
+    assert clock.now() == float("-inf")
+    clock.position("r/1", 8)  # now past what it held at 4100
+    assert clock.now() == 4000.0  # r/0 is the least reached
+    clock.watermark("r/0", 4900.0, 12)  # two new records at r/0, not read yet
+    assert clock.now() == 4000.0
+    clock.position("r/0", 12)
+    assert clock.now() == 4100.0
+    clock.remote("r/0", 4999.0, 99, 0)  # read here: other processes' commits do not count
+    assert clock.now() == 4100.0
+    held = clock.notify_at(4150.0)
+    assert held is not None and held.timestamp() == pytest.approx(5000.0 + clock.RECHECK_S)
+    due = clock.notify_at(4050.0)
+    assert due is not None and due.timestamp() == 4050.0  # reached: fire when due

@@ -124,8 +124,8 @@ def test_a_long_thread_id_does_not_stop_the_engine(kafka_brokers, unique):
 # -- the built-in scheduler and the input clock ----------------------------------------------------
 
 class _Part(StatefulSourcePartition[Incoming, None]):
-    def __init__(self, items: list[Any]) -> None:
-        self.items, self.i, self.awake = items, 0, None
+    def __init__(self, items: list[Any], clock: Any) -> None:
+        self.items, self.i, self.awake, self.clock = items, 0, None, clock
 
     def next_batch(self) -> list[Incoming]:
         if self.i >= len(self.items):
@@ -139,6 +139,8 @@ class _Part(StatefulSourcePartition[Incoming, None]):
                 self.awake, self.i = None, self.i + 1
             return []
         self.i += 1
+        if all(isinstance(x, float) for x in self.items[self.i:]):
+            self.clock.reached("p", float("inf"))  # the whole partition (all of it in Kafka) read
         topic, key, value, ts = item
         return [Incoming(topic, key, value, ts, 0, self.i)]
 
@@ -150,25 +152,30 @@ class _Part(StatefulSourcePartition[Incoming, None]):
 
 
 class _PausingSource(FixedPartitionedSource[Incoming, None]):
-    """Records with pauses (floats) between them: a partition that is behind, not idle."""
+    """Records with pauses (floats) between them: a partition that is behind, not idle. All its
+    records are in Kafka from the start: it reaches the input clock once all are read."""
 
     def __init__(self, items: list[Any]) -> None:
         self.items = items
+        self.clock: Any = None
+
+    def bind_clock(self, clock: Any) -> None:
+        self.clock = clock
+        clock.expect(["p"])
 
     def list_parts(self) -> list[str]:
         return ["p"]
 
     def build_part(self, step_id: str, for_part: str, resume: None) -> _Part:
-        return _Part(self.items)
+        return _Part(self.items, self.clock)
 
 
 def test_scheduler_entry_waits_for_a_cancel_already_in_its_partition():
-    """InputClock: a timer due at t fires once *every* input partition has delivered a record
-    stamped t or later, or was quiet for KWF_INPUT_IDLE_S (0.5 s). Scheduler records never call
-    ``InputClock.saw`` (only ``_ThreadLogic.on_item`` does), so a workflow-scheduler partition
-    that is behind (here: last record stamped before the due time, heard 0.2 s ago) does not
-    hold anything back: the entry fires although its cancel, stamped before the due time, is
-    next in line. ``kwf.testing.Engine`` applies the cancel first and writes nothing."""
+    """InputClock: a timer due at t fires once *every* input partition, the scheduler's too, has
+    been read past what it held at t. A workflow-scheduler partition that is behind (its cancel,
+    stamped before the due time, is next in line) holds the entry back: the cancel is applied
+    first and nothing is written, as ``kwf.testing.Engine`` does. (The old quiet-time clock was
+    fed only by thread records and fired the entry.)"""
     t0 = time.time() - 100
     items = [
         ("workflow-resume", "x", '{"ref": "a"}', t0 + 50),  # the resume topic is up to date
@@ -316,12 +323,11 @@ def test_guard_one_worker_a_met_deadline_behind_a_backlog_is_met():
 
 
 def test_two_workers_a_met_deadline_behind_a_backlog_is_met():
-    """The InputClock is per worker and only ``_ThreadLogic.on_item`` feeds it, so a worker hears
-    a partition only through the records of the threads *it* owns. With -w 2, the backlog of
-    other threads' records goes to the other worker; this worker's clock thinks the partition
-    is quiet after 0.5 s, fires the deadline on the wall clock, and the reply already waiting in
-    the partition (stamped before the deadline) loses: "timed out" instead of "ok". (Runs last:
-    cluster_main installs a process-wide panic hook.)"""
+    """The InputClock is per process and fed by the source, not by the records a worker's threads
+    get: with -w 2 the backlog of other threads' records goes to the other worker, yet the
+    deadline waits until the partition is read, and the reply already waiting in it (stamped
+    before the deadline) wins. (The old per-worker quiet-time clock fired the deadline: "timed
+    out".) Runs last: cluster_main installs a process-wide panic hook."""
     from bytewax.testing import cluster_main
 
     out: list[Record] = []

@@ -32,6 +32,8 @@ from kwf.protocol import Record
 REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 PARTITIONS = 2
+CLUSTER_PORT = int(os.environ.get("KWF_TEST_CLUSTER_PORT", "24000"))
+"""Two ports from here on 127.0.0.1 for the 2-process cluster test."""
 # Fail a record for a missing topic within seconds, not librdkafka's 30 s / 5 min defaults.
 FAST_FAILURE = {"topic.metadata.propagation.max.ms": "1500", "message.timeout.ms": "6000"}
 
@@ -338,9 +340,10 @@ def test_engine_refuses_to_start_when_a_topic_is_missing(world: World) -> None:
 
 def test_sink_delivers_keys_values_headers_and_timestamps(world: World) -> None:
     topic = world.user_topics["cart"]
-    part = KafkaRecordSink(world.conf).build("out", 0, 1)
+    part = KafkaRecordSink(world.conf).build_part("out", "out-0", None)
     part.write_batch([Record(topic, "k", "v", (("kwf-seq", "1"), ("raw", b"\x00")), 1_700_000_000.5),
                       Record(topic, b"kb", None, (), 0.0)])
+    part.snapshot()  # the epoch closes: every record acknowledged
     world.pump(lambda: len(world.records[topic]) == 2, 20, answer=False)
     first, second = sorted(world.records[topic], key=lambda r: str(r.key))
     assert (first.key, first.value, first.timestamp) == ("k", "v", 1_700_000_000.5)
@@ -349,8 +352,103 @@ def test_sink_delivers_keys_values_headers_and_timestamps(world: World) -> None:
 
 
 def test_sink_raises_when_a_record_cannot_be_delivered(world: World) -> None:
-    part = KafkaRecordSink({**world.conf, **FAST_FAILURE}).build("out", 0, 1)
+    """Produced without waiting; the epoch's snapshot (before it can commit) raises."""
+    part = KafkaRecordSink({**world.conf, **FAST_FAILURE}).build_part("out", "out-0", None)
     started = time.monotonic()
+    part.write_batch([Record(f"{world.prefix}-absent", "k", "v")])
+    assert time.monotonic() - started < 1  # write_batch does not wait for the broker
     with pytest.raises(DeliveryError, match=f"{world.prefix}-absent"):
-        part.write_batch([Record(f"{world.prefix}-absent", "k", "v")])
+        part.snapshot()
     assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_drains_exits_0_and_the_restart_loses_and_repeats_nothing(
+        world: World, engines: list[Engine], workers: int) -> None:
+    """SIGTERM under load: the engine closes the epoch (snapshot written, outputs confirmed) and
+    exits 0; the next start resumes from the stored offsets, so every workflow completes, no
+    event is applied twice, and nothing the first run wrote is written again."""
+    n = 6
+    notes = {f"notifier-{i}": [f"{i}.{j}" for j in range(30)] for i in range(n)}
+    engine = world.engine().start(workers)
+    engines.append(engine)
+    for key in notes:
+        world.send(key, "new:fnotify:{}")
+    for j in range(30):
+        for key, values in notes.items():
+            world.producer.produce(world.settings.resume_topic, key=key,
+                                   value=json.dumps({"ref": "note", "value": values[j]}))
+    world.producer.flush(10)
+    notify = world.user_topics["notify"]
+    world.pump(lambda: len(world.records[notify]) >= 20, 60, engine)
+    assert engine.proc is not None
+    started = time.monotonic()
+    os.kill(engine.proc.pid, signal.SIGTERM)
+    assert engine.wait(20) == 0, engine.output()[-3000:]
+    assert time.monotonic() - started < 10
+    assert "engine_draining" in engine.output()
+    world.pump(lambda: False if time.monotonic() - started < 2 else True, 10, answer=False)
+    before = len(world.records[notify])
+    for key in notes:
+        world.send(key, json.dumps({"ref": "note", "value": "stop"}))
+    engine = world.engine().start(workers)
+    engines.append(engine)
+    world.pump(lambda: len(world.results()) == n, 60, engine)
+    assert world.results() == {key: len(values) for key, values in notes.items()}
+    written: dict[str, list[Any]] = defaultdict(list)
+    for rec in world.unique(notify):
+        written[str(rec.key)].append(rec.json())
+    for key, values in notes.items():
+        assert written[key] == [{"note": v, "n": k} for k, v in enumerate(values, 1)], key
+    # A drained epoch is committed: the restart repeats none of the first run's records.
+    assert len(world.records[notify]) == len(world.unique(notify)) >= before
+
+
+def test_sigterm_to_one_process_drains_the_whole_cluster(
+        world: World, engines: list[Engine], tmp_path: Path) -> None:
+    """Two processes, SIGTERM to one: it marks its committed offsets, the other sees the mark
+    through its input clock's probe and drains too; both exit 0 and a restart loses nothing."""
+    addresses = f"127.0.0.1:{CLUSTER_PORT};127.0.0.1:{CLUSTER_PORT + 1}"
+    init = tmp_path / "init"
+    init.mkdir()
+    subprocess.run([sys.executable, "-m", "bytewax.recovery", str(init), "2"], check=True,
+                   env=world.env, cwd=REPO)
+    for i in range(2):  # one recovery partition per process, as one volume per pod
+        (tmp_path / f"rec-{i}").mkdir()
+        for f in init.glob(f"part-{i}.sqlite3*"):
+            f.rename(tmp_path / f"rec-{i}" / f.name)
+
+    def start() -> list[subprocess.Popen[bytes]]:
+        procs = []
+        for i in range(2):
+            args = [sys.executable, "-m", "bytewax.run", "dataflow", "-w", "1", "-i", str(i),
+                    "-a", addresses, "-r", str(tmp_path / f"rec-{i}"), "-s", "1", "-b", "0"]
+            with (tmp_path / f"cluster-{i}.log").open("ab") as out:
+                procs.append(subprocess.Popen(args, cwd=REPO, env=world.env, stdout=out,
+                                              stderr=subprocess.STDOUT, start_new_session=True))
+        return procs
+
+    def logs() -> str:
+        return "\n".join((tmp_path / f"cluster-{i}.log").read_text()[-2000:] for i in range(2))
+
+    procs = start()
+    try:
+        for i in range(4):
+            world.send(f"notifier-{i}", "new:fnotify:{}")
+            world.send(f"notifier-{i}", json.dumps({"ref": "note", "value": "a"}))
+        notify = world.user_topics["notify"]
+        world.pump(lambda: len(world.unique(notify)) == 4, 60)
+        os.kill(procs[1].pid, signal.SIGTERM)
+        codes = [p.wait(20) for p in procs]
+        assert codes == [0, 0], logs()
+        for i in range(4):
+            world.send(f"notifier-{i}", json.dumps({"ref": "note", "value": "stop"}))
+        procs = start()
+        world.pump(lambda: len(world.results()) == 4, 60)
+        assert world.results() == {f"notifier-{i}": 1 for i in range(4)}
+        assert len(world.records[notify]) == len(world.unique(notify)) == 4
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()

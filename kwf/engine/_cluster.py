@@ -31,7 +31,7 @@ CHECK_PORT_OFFSET = 1
 """The cluster check listens on process 0's Timely port + 1 (2102 next to 2101)."""
 _MATTERS = ("resume_topic", "scheduler_topic", "result_topic", "error_topic", "events_topic",
             "dlq_topic", "max_payload_bytes", "max_live", "tombstone_retention_s",
-            "input_idle_s", "batch_size", "recovery_partitions")
+            "batch_size", "recovery_partitions")
 """Settings that change what a thread does or where records go: they must agree cluster-wide."""
 
 

@@ -17,18 +17,20 @@ import time
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from types import FrameType
 from typing import Any, NamedTuple
 
 import bytewax.operators as op
 import structlog
 from bytewax.dataflow import Dataflow, Stream
 from bytewax.inputs import Source
-from bytewax.outputs import Sink
-from confluent_kafka import OFFSET_BEGINNING, TIMESTAMP_NOT_AVAILABLE
+from bytewax.outputs import FixedPartitionedSink, Sink
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE
 from typing_extensions import override
 
 from kwf.config import ENGINE_GC_THRESHOLDS, KafkaSettingsError, Settings
 from kwf.engine import logs, metrics
+from kwf.engine.clock import InputClock
 from kwf.protocol import (
     Command,
     Incoming,
@@ -68,15 +70,6 @@ class _Item(NamedTuple):
 _Parsed = Record | _Item
 
 
-_LATEST = datetime(9999, 1, 1, tzinfo=timezone.utc).timestamp()
-
-
-def _utc(t: float | None) -> datetime | None:
-    """Bytewax wants tzinfo exactly ``timezone.utc``; anything else crashes the dataflow, and
-    so does a time past what ``datetime`` holds (a timer so far away is as good as never)."""
-    return None if t is None else datetime.fromtimestamp(min(t, _LATEST), tz=timezone.utc)
-
-
 def to_incoming(msg: Any) -> Incoming:
     """A Kafka message as an ``Incoming``: timestamp in seconds, source ``topic/partition/offset``."""
     if isinstance(msg, Incoming):
@@ -84,46 +77,6 @@ def to_incoming(msg: Any) -> Incoming:
     kind, ms = msg.timestamp or (TIMESTAMP_NOT_AVAILABLE, 0)
     stamp = ms / 1000 if kind != TIMESTAMP_NOT_AVAILABLE and ms >= 0 else time.time()
     return Incoming(msg.topic, msg.key, msg.value, stamp, msg.partition, msg.offset)
-
-
-class InputClock:
-    """The time at which this worker's timers may fire: the wall clock, held back by the input.
-
-    A timer due at ``t`` fires once every input partition this worker hears from has delivered
-    a record stamped ``t`` or later, or has been quiet for ``idle_s``. Without this, after a
-    restart or behind a backlog, wall-clock timers would fire before replies already waiting
-    in Kafka with earlier timestamps, and met deadlines would expire. Partitions are tracked
-    apart so that a fresh one cannot vouch for one still behind. ``kwf.testing.Engine`` needs
-    no such rule: its virtual clock only moves between records. ``idle_s=0`` turns it off.
-    """
-
-    RECHECK_S = 0.02
-    """How often a held-back timer looks again (instead of a busy loop)."""
-
-    def __init__(self, idle_s: float) -> None:
-        self.idle_s = idle_s
-        self.started = time.monotonic()  # a fresh worker waits for its input to start
-        self.partitions: dict[str, tuple[float, float]] = {}
-        """``topic/partition`` -> (highest timestamp seen, when last heard from)."""
-
-    def saw(self, rec: Incoming) -> None:
-        partition = rec.source.rpartition("/")[0]
-        high, _ = self.partitions.get(partition, (rec.timestamp, 0.0))
-        self.partitions[partition] = (max(high, rec.timestamp), time.monotonic())
-
-    def now(self) -> float:
-        wall, mono = time.time(), time.monotonic()
-        if mono - self.started < self.idle_s and not self.partitions:
-            return float("-inf")
-        heard_from = list(self.partitions.values())  # one atomic copy: workers update it
-        behind = [high for high, heard in heard_from if mono - heard < self.idle_s]
-        return min([wall, *behind])
-
-    def notify_at(self, wakeup: float | None) -> datetime | None:
-        """When Bytewax should call back: the due time, or soon if the input holds it back."""
-        if wakeup is not None and wakeup > self.now() and wakeup <= time.time():
-            wakeup = time.time() + self.RECHECK_S
-        return _utc(wakeup)
 
 
 class _Worker(NamedTuple):
@@ -137,14 +90,14 @@ class _Workers:
     Contexts are keyed by OS thread because a Bytewax worker is one thread: a cache shared by
     two workers could evict (and close) an instance that the other worker is stepping. The
     clock is shared because each worker applies only its own keys' records, while a partition
-    is behind for every worker alike. (Partitions that only other processes of a cluster read
-    are not heard from here: they do not hold timers back.)
+    is behind for every worker alike (``kwf.engine.clock`` says how partitions that other
+    processes read hold timers back too).
     """
 
     def __init__(self, registry: Registry, settings: Settings) -> None:
         self.registry = registry
         self.settings = settings
-        self.clock = InputClock(settings.input_idle_s)
+        self.clock = InputClock()
         self._by_thread: dict[int, _Worker] = {}
         self._lock = threading.Lock()
 
@@ -174,7 +127,6 @@ class _ThreadLogic(op.StatefulLogic[_Item, Record, bytes]):
     def on_item(self, value: _Item) -> tuple[list[Record], bool]:
         if self.state is None:
             self.state = ThreadState(value.key, self.ctx)
-        self.clock.saw(value.rec)
         return self._done(self.state.on_command(value.rec, value.command))  # type: ignore[arg-type]  # branched
 
     @override
@@ -213,7 +165,6 @@ class _ScheduleLogic(op.StatefulLogic[_Item, Record, tuple[str, dict[str, float]
     def on_item(self, value: _Item) -> tuple[list[Record], bool]:
         if self.state is None:
             self.state = ScheduleState(value.key)
-        self.clock.saw(value.rec)
         self.state.on_schedule(value.command)  # type: ignore[arg-type]  # branched on it
         return self._done([])
 
@@ -250,26 +201,31 @@ def _parser(settings: Settings, registry: Registry) -> Any:
     return parse_one
 
 
-def kafka_sources(settings: Settings) -> dict[str, Source[Any]]:
+PROBE_S = 0.01
+"""How often the input clock asks Kafka for the input's high watermarks (kwf.engine.clock)."""
+
+
+def kafka_sources(settings: Settings, clock: InputClock) -> dict[str, Source[Any]]:
     """The two Kafka inputs, by step id: ``workflow-resume`` and ``workflow-scheduler``.
 
-    Always from the beginning of a partition the recovery store has no offset for (never
-    ``OFFSET_END``, which skips what arrived while the engine was down), and tailing.
+    Always from the beginning of a partition the recovery store has no offset for (never the
+    end, which skips what arrived while the engine was down), and tailing. Both report to
+    ``clock``; one probe per process asks Kafka for their watermarks.
     """
-    from bytewax.connectors.kafka import KafkaSource
+    from kwf.engine.clock import KafkaProbe
+    from kwf.engine.source import GROUP, KafkaInput, request_drain
 
-    brokers = [b.strip() for b in settings.brokers.split(",") if b.strip()]
+    config = logs.kafka_client_config(settings)
+    probe = KafkaProbe(clock, config, GROUP, PROBE_S, on_drain=request_drain)
     return {
-        step: KafkaSource(brokers, [topic], tail=True, starting_offset=OFFSET_BEGINNING,
-                          add_config=logs.kafka_client_config(settings),
-                          batch_size=settings.batch_size)
+        step: KafkaInput(config, topic, clock, probe, settings.batch_size)
         for step, topic in ((STEP_RESUME_IN, settings.resume_topic),
                             (STEP_SCHEDULER_IN, settings.scheduler_topic))
     }
 
 
 def build_flow(settings: Settings, registry: Registry | None = None, *,
-               source: Source[Any] | None = None, sink: Sink[Record] | None = None) -> Dataflow:
+               source: Source[Any] | None = None, sink: Sink[Any] | None = None) -> Dataflow:
     """Build the engine's dataflow.
 
     Args:
@@ -285,9 +241,13 @@ def build_flow(settings: Settings, registry: Registry | None = None, *,
     workers = _Workers(registry, settings)
     flow = Dataflow("kwf")  # the flow id prefixes every recovery key, like the step ids
     if source is not None:
+        bind = getattr(source, "bind_clock", None)
+        if bind is not None:  # a source that reports its partitions' progress (run_flow's)
+            bind(workers.clock)
         raw: Stream[Any] = op.input(STEP_TEST_IN, flow, source)
     else:
-        ins = [op.input(step, flow, src) for step, src in kafka_sources(settings).items()]
+        ins = [op.input(step, flow, src)
+               for step, src in kafka_sources(settings, workers.clock).items()]
         raw = op.merge("inputs", *ins)
     parsed = op.map("parse", op.map("incoming", raw, to_incoming), _parser(settings, registry))
     bad = op.branch("valid", parsed, lambda p: isinstance(p, Record))
@@ -300,13 +260,17 @@ def build_flow(settings: Settings, registry: Registry | None = None, *,
     fired = op.stateful(STEP_SCHEDULER, schedules,
                         lambda resume: _ScheduleLogic(settings.resume_topic, workers.clock, resume))
 
-    outputs = op.merge("outputs", bad.trues, op.key_rm("thread-records", threads),
-                       op.key_rm("scheduler-records", fired))
     if sink is None:
         from kwf.engine.sink import KafkaRecordSink
 
         sink = KafkaRecordSink(logs.kafka_client_config(settings))
-    op.output(STEP_OUT, outputs, sink)
+    if isinstance(sink, FixedPartitionedSink):  # keyed: a thread's records by its id, in order
+        dead = op.key_on("dlq-records", bad.trues, lambda _: STEP_OUT)
+        op.output(STEP_OUT, op.merge("outputs", dead, threads, fired), sink)
+    else:
+        outputs = op.merge("outputs", bad.trues, op.key_rm("thread-records", threads),
+                           op.key_rm("scheduler-records", fired))
+        op.output(STEP_OUT, outputs, sink)
     return flow
 
 
@@ -320,6 +284,29 @@ def _configure_process() -> None:
         logs.configure()
     except ValueError as e:
         raise StartupError(str(e)) from None
+
+
+def _drain_on_sigterm() -> None:
+    """SIGTERM ends the input: Bytewax closes the epoch (snapshot written, outputs confirmed by
+    the sink) and returns, and the process exits 0; the next start resumes from the stored
+    offsets. Bytewax runs Python signal handlers from its run loop (``PyErr_CheckSignals`` every
+    step with one worker, every millisecond on the main thread of a cluster process)."""
+    import signal
+
+    from kwf.engine.source import draining, request_drain
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        if draining() and callable(previous):  # a second SIGTERM: stop now (kwf.engine.logs)
+            previous(signum, frame)
+            return
+        log.info("engine_draining", signal=signum)
+        request_drain()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 class StartupError(RuntimeError):
@@ -368,6 +355,7 @@ def from_env() -> Dataflow:
         raise StartupError(msg)
     topics = required_topics(settings)
     check_brokers(logs.kafka_client_config(settings), topics, timeout=CHECK_TIMEOUT_S)
+    _drain_on_sigterm()
     log.info("engine_starting", brokers=settings.brokers, workflows=sorted(registry.workflows),
              default=registry.default, topics=topics, batch_size=settings.batch_size,
              max_live=settings.max_live)

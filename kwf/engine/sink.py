@@ -2,21 +2,24 @@
 
 Bytewax's own ``KafkaSink`` registers no delivery callback and ignores what ``flush()`` returns,
 so a record the broker refused (a deleted topic, an ACL, a size limit) is dropped without a
-word. Here each batch is produced with a delivery callback and flushed before ``write_batch``
-returns; if any record failed, ``write_batch`` raises ``DeliveryError``. That stops the
-dataflow before the epoch holding those records is committed, so a restart (after fixing the
-cause) replays the epoch and produces them again: at-least-once, with ``kwf-seq`` headers for
-consumers to drop duplicates. This module must never swallow a delivery error.
+word. Here every record is produced at once with a delivery callback, and the sink partition's
+``snapshot()``, which Bytewax calls when an epoch closes and before the epoch can commit,
+flushes and raises ``DeliveryError`` if any record failed. That stops the dataflow before the
+epoch holding those records is committed, so a restart (after fixing the cause) replays the
+epoch and produces them again: at-least-once, with ``kwf-seq`` headers for consumers to drop
+duplicates. Nothing waits per batch. This module must never swallow a delivery error.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
 import structlog
-from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from typing_extensions import override
 
@@ -32,6 +35,9 @@ PRODUCER_DEFAULTS: dict[str, str] = {
     # Java clients' partitioner: a thread's records land on the partition a Java (or kafkajs)
     # producer would pick for the same key, so records from both stay in one order.
     "partitioner": "murmur2_random",
+    # Records are sent as they come (deliveries are confirmed once per epoch, not per batch):
+    # librdkafka's 5 ms default linger would add 5 ms to every reply -> next output.
+    "linger.ms": "1",
 }
 """Defaults under the user's librdkafka settings (the properties file may override them)."""
 
@@ -43,91 +49,133 @@ class DeliveryError(RuntimeError):
 
 
 def _encode(value: str | bytes | None) -> bytes | None:
+    """What a key or value is on the wire (the client encodes ``str`` the same way)."""
     return value.encode("utf-8") if isinstance(value, str) else value
 
 
-def _kafka_headers(rec: Record) -> list[tuple[str, bytes]]:
+def _kafka_headers(rec: Record) -> list[tuple[str, str | bytes | None]]:
+    """Headers as the client takes them; raises UnicodeEncodeError where it would."""
     return [(name, v.encode("utf-8") if isinstance(v, str) else v) for name, v in rec.headers]
 
 
-class _Partition(StatelessSinkPartition[Record]):
-    """One producer per worker; ``write_batch`` returns only once the batch is acknowledged."""
+class _Producer:
+    """One producer per worker thread, shared by the sink partitions that worker holds."""
 
-    def __init__(self, config: Mapping[str, str], worker: int) -> None:
-        self._worker = worker
-        self._failures: list[str] = []
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.failures: list[str] = []
         # Client-level errors (brokers down...) go to the config's error_cb
         # (kwf.engine.logs.kafka_client_config): librdkafka retries them; a record is lost only
-        # when its own delivery fails, which the delivery callback reports.
-        self._producer = Producer({**PRODUCER_DEFAULTS, **config})
+        # when its own delivery fails, which the delivery callback reports. Delivery reports
+        # come for failures only: no Python callback per acknowledged record.
+        self.producer = Producer({**PRODUCER_DEFAULTS, **config,
+                                  "on_delivery": self._on_delivery,
+                                  "delivery.report.only.error": True})
+        self.sent = 0
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
             key = msg.key()
             shown = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
-            self._failures.append(f"{msg.topic()} key={_clip(shown)!r}: {err.str()}")
+            self.failures.append(f"{msg.topic()} key={_clip(shown)!r}: {err.str()}")
 
-    def _produce(self, rec: Record) -> None:
-        kwargs: dict[str, Any] = {
-            "topic": rec.topic, "key": _encode(rec.key), "value": _encode(rec.value),
-            "headers": _kafka_headers(rec), "on_delivery": self._on_delivery,
-        }
-        if rec.timestamp > 0:  # 0 means "now" to librdkafka
-            kwargs["timestamp"] = round(rec.timestamp * 1000)
+    def produce(self, rec: Record) -> None:
+        # str keys, values and header values go as they are: the client encodes them as UTF-8.
+        stamp = round(rec.timestamp * 1000) if rec.timestamp > 0 else 0  # 0: "now"
+        headers = _kafka_headers(rec)
         while True:
             try:
-                self._producer.produce(**kwargs)
+                self.producer.produce(rec.topic, rec.value, rec.key, headers=headers,
+                                      timestamp=stamp)
+                self.sent += 1
                 return
             except BufferError:  # the local queue is full: let deliveries drain it
-                self._producer.poll(0.1)
+                self.producer.poll(0.1)
             except KafkaException as e:  # refused before queueing (an unknown topic...)
-                self._failures.append(f"{rec.topic} key={_clip(rec.key)!r}: {e.args[0].str()}")
+                self.failures.append(f"{rec.topic} key={_clip(rec.key)!r}: {e.args[0].str()}")
                 return
 
-    @override
-    def write_batch(self, items: list[Record]) -> None:
+    def confirm(self) -> None:
+        """Wait until every record produced so far is acknowledged; raise if any was refused."""
         started = time.monotonic()
-        for rec in items:
-            self._produce(rec)
-            self._producer.poll(0)
         # Bounded by librdkafka's message.timeout.ms: each record is delivered or failed by then.
-        while self._producer.flush(10.0) > 0:
-            log.warning("kafka_delivery_slow", worker=self._worker, pending=len(self._producer),
+        while self.producer.flush(10.0) > 0:
+            log.warning("kafka_delivery_slow", pending=len(self.producer),
                         seconds=round(time.monotonic() - started, 1))
-        if self._failures:
-            failures, self._failures = self._failures, []
+        sent, self.sent = self.sent, 0
+        if self.failures:
+            failures, self.failures = self.failures, []
             shown = "; ".join(failures[:_SHOWN])
             more = f" (and {len(failures) - _SHOWN} more)" if len(failures) > _SHOWN else ""
-            msg = (f"Kafka refused {len(failures)} of {len(items)} records: {shown}{more}. "
-                   "The engine stops so that nothing is lost: fix the cause (create the topic "
-                   "with `kwf topics create`, check ACLs and size limits) and restart it; the "
-                   "records are produced again (consumers drop duplicates by kwf-thread/kwf-seq)")
-            log.error("kafka_delivery_failed", worker=self._worker, failed=len(failures),
-                      batch=len(items), first=failures[0])
+            msg = (f"Kafka refused {len(failures)} of {max(sent, len(failures))} records: "
+                   f"{shown}{more}. The engine stops so that nothing is lost: fix the cause "
+                   "(create the topic with `kwf topics create`, check ACLs and size limits) and "
+                   "restart it; the records are produced again (consumers drop duplicates by "
+                   "kwf-thread/kwf-seq)")
+            log.error("kafka_delivery_failed", failed=len(failures), first=failures[0])
             metrics.delivery_failed(len(failures))
             raise DeliveryError(msg)
 
+
+class _Partition(StatefulSinkPartition[Record, None]):
+    """Produces at once; ``snapshot()`` (at the epoch's close) waits for the acknowledgements."""
+
+    def __init__(self, producer: _Producer) -> None:
+        self._producer = producer
+
+    @override
+    def write_batch(self, values: list[Record]) -> None:
+        produce = self._producer.produce
+        for rec in values:
+            produce(rec)
+        self._producer.producer.poll(0)  # serve delivery callbacks; never waits
+
+    @override
+    def snapshot(self) -> None:
+        self._producer.confirm()
+
     @override
     def close(self) -> None:
-        self._producer.flush()
-        if self._failures:  # write_batch flushes, so this is only a safety net
-            msg = f"Kafka refused records at shutdown: {'; '.join(self._failures[:_SHOWN])}"
-            raise DeliveryError(msg)
+        self._producer.confirm()
 
 
-class KafkaRecordSink(DynamicSink[Record]):
+PARTS = 16
+"""Sink partitions (never change: they are recovery keys). Outputs are routed to a partition by
+their upstream key (the thread id), so a thread's records leave in order from one producer."""
+
+
+class KafkaRecordSink(FixedPartitionedSink[Record, None]):
     """Produce ``Record``s to their own topics; raise ``DeliveryError`` if any is refused.
+
+    Records are produced as they come, without waiting; each partition's ``snapshot()``, which
+    Bytewax calls when the epoch closes and before it can commit, flushes the worker's producer
+    and raises if a delivery failed. So the engine never waits per batch, and an epoch whose
+    outputs were not all acknowledged is never committed: a restart produces them again.
 
     Args:
         config: librdkafka settings (``Settings.kafka_config()``), over ``PRODUCER_DEFAULTS``.
     """
 
-    def __init__(self, config: Mapping[str, str]) -> None:
+    def __init__(self, config: Mapping[str, Any]) -> None:
         self._config = dict(config)
+        self._producers: dict[int, _Producer] = {}
+        self._lock = threading.Lock()
 
     @override
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _Partition:
-        return _Partition(self._config, worker_index)
+    def list_parts(self) -> list[str]:
+        return [f"out-{i}" for i in range(PARTS)]
+
+    @override
+    def part_fn(self, item_key: str) -> int:
+        return zlib.crc32(item_key.encode("utf-8", "surrogatepass"))
+
+    @override
+    def build_part(self, step_id: str, for_part: str, resume_state: None) -> _Partition:
+        ident = threading.get_ident()
+        with self._lock:
+            producer = self._producers.get(ident)
+            if producer is None:
+                producer = self._producers[ident] = _Producer(self._config)
+        return _Partition(producer)
 
 
 def _clip(key: str | bytes | None, limit: int = 200) -> str | bytes | None:
