@@ -3,8 +3,8 @@
 What a record means and what a thread does is decided by ``kwf.protocol.parse`` and
 ``kwf.thread`` (shared with ``kwf.testing.Engine``); this module only wires them into Bytewax:
 sources, a parse step that dead-letters what it refuses, one ``op.stateful`` logic per thread
-id and one per scheduler key, wall-clock timers through ``notify_at``, and one sink for every
-output. Snapshots are our own bytes (or builtins), never objects pickled by module path, and a
+id, per timer wheel slot and per scheduler key, wall-clock timers through ``notify_at`` (on
+wheel slots and scheduler keys only), and one sink for every output. Snapshots are our own bytes (or builtins), never objects pickled by module path, and a
 restored thread is not replayed until it has work. Step ids below are part of the recovery
 format: renaming one silently drops its state.
 """
@@ -41,6 +41,7 @@ from kwf.protocol import (
 )
 from kwf.registry import Registry, Workflow, WorkflowFn
 from kwf.thread import Context, ScheduleState, ThreadState
+from kwf.wheel import Arm, WheelState, slot_of
 
 log = structlog.get_logger("kwf.engine.flow")
 
@@ -50,6 +51,7 @@ STEP_SCHEDULER_IN = "workflow-scheduler"
 STEP_TEST_IN = "records"
 STEP_THREAD = "thread"
 STEP_SCHEDULER = "scheduler"
+STEP_WHEEL = "wheel"
 STEP_OUT = "out"
 
 CHECK_TIMEOUT_S = 5.0
@@ -158,42 +160,97 @@ class _Workers:
         return worker
 
 
-class _ThreadLogic(op.StatefulLogic[_Item, Record, bytes]):
-    """Bytewax's handle on one ``ThreadState``; every rule lives in ``kwf.thread``."""
+_ThreadSnap = tuple[bytes, float | None]
+"""A thread's snapshot: its journal's bytes and the wakeup its wheel slot holds (``armed``)."""
 
-    def __init__(self, worker: _Worker, resume: bytes | None) -> None:
+
+class _ThreadLogic(op.StatefulLogic[_Item, Record | Arm, _ThreadSnap]):
+    """Bytewax's handle on one ``ThreadState``; every rule lives in ``kwf.thread``.
+
+    It holds no Bytewax wakeup of its own, except once after a restore whose snapshot does not
+    match the thread's wakeup (an older snapshot, or a thread that was blocked): the wheel
+    slots hold every timer (``kwf.wheel``), so Bytewax scans a bounded number of keys.
+    """
+
+    def __init__(self, worker: _Worker, resume: _ThreadSnap | bytes | None) -> None:
         self.ctx, self.clock = worker
-        # Decoding is cheap; the live instance is rebuilt by replay only when work arrives.
-        self.state = ThreadState.restore(resume, self.ctx) if resume is not None else None
+        self.state: ThreadState | None = None
+        if resume is not None:  # decoding is cheap; the instance is rebuilt on work, by replay
+            data, armed = resume if isinstance(resume, tuple) else (resume, _UNKNOWN)
+            self.state = ThreadState.restore(data, self.ctx)
+            self.state.armed = armed
 
-    def _done(self, records: list[Record]) -> tuple[list[Record], bool]:
-        gone = self.state is None or self.state.journal is None
+    def _done(self, records: list[Record | Arm]) -> tuple[list[Record | Arm], bool]:
+        state = self.state
+        if state is not None and (arm := state.arm()) is not None:
+            records.append(arm)
+        gone = state is None or state.journal is None
         return records, self.DISCARD if gone else self.RETAIN
 
     @override
-    def on_item(self, value: _Item) -> tuple[list[Record], bool]:
+    def on_item(self, value: _Item) -> tuple[list[Record | Arm], bool]:
         if self.state is None:
             self.state = ThreadState(value.key, self.ctx)
         self.clock.saw(value.rec)
-        return self._done(self.state.on_command(value.rec, value.command))  # type: ignore[arg-type]  # branched
+        return self._done(list(self.state.on_command(value.rec, value.command)))  # type: ignore[arg-type]  # branched
+
+    @override
+    def on_notify(self) -> tuple[list[Record | Arm], bool]:
+        return self._done([])  # restored out of step with its wheel slot: arm now
+
+    @override
+    def notify_at(self) -> datetime | None:
+        state = self.state
+        stale = state is not None and state.armed != state.wakeup()
+        return datetime.now(timezone.utc) if stale else None
+
+    @override
+    def snapshot(self) -> _ThreadSnap:
+        data = self.state.snapshot() if self.state is not None else None
+        if data is None or self.state is None:  # cannot happen: such a state is discarded
+            msg = "kwf: snapshot of a thread with no journal; it should have been discarded"
+            raise RuntimeError(msg)
+        return data, self.state.armed
+
+
+_UNKNOWN = float("nan")
+"""``armed`` of a thread restored from a snapshot without it: never equal, so it arms again."""
+
+
+class _WheelLogic(op.StatefulLogic[Arm, Record, tuple[str, dict[str, float]]]):
+    """Bytewax's handle on one timer wheel slot (``kwf.wheel.WheelState``)."""
+
+    def __init__(self, resume_topic: str, clock: InputClock,
+                 resume: tuple[str, dict[str, float]] | None) -> None:
+        self.resume_topic = resume_topic
+        self.clock = clock
+        self.state = WheelState(*resume) if resume is not None else None
+
+    def _done(self, records: list[Record]) -> tuple[list[Record], bool]:
+        empty = self.state is None or not self.state.entries
+        return records, self.DISCARD if empty else self.RETAIN
+
+    @override
+    def on_item(self, value: Arm) -> tuple[list[Record], bool]:
+        if self.state is None:
+            self.state = WheelState(slot_of(value.thread))
+        self.state.on_arm(value)
+        return self._done([])
 
     @override
     def on_notify(self) -> tuple[list[Record], bool]:
         if self.state is None:
             return self._done([])
-        return self._done(self.state.on_timer(self.clock.now()))
+        return self._done(self.state.on_timer(self.clock.now(), self.resume_topic))
 
     @override
     def notify_at(self) -> datetime | None:
         return self.clock.notify_at(self.state.wakeup()) if self.state is not None else None
 
     @override
-    def snapshot(self) -> bytes:
-        data = self.state.snapshot() if self.state is not None else None
-        if data is None:  # cannot happen: a state without a journal is discarded
-            msg = "kwf: snapshot of a thread with no journal; it should have been discarded"
-            raise RuntimeError(msg)
-        return data
+    def snapshot(self) -> tuple[str, dict[str, float]]:
+        assert self.state is not None
+        return self.state.key, dict(self.state.entries)
 
 
 class _ScheduleLogic(op.StatefulLogic[_Item, Record, tuple[str, dict[str, float]]]):
@@ -250,6 +307,14 @@ def _parser(settings: Settings, registry: Registry) -> Any:
     return parse_one
 
 
+def _arm_of(out: Record | Arm) -> Arm | None:
+    return out if isinstance(out, Arm) else None
+
+
+def _record_of(out: Record | Arm) -> Record | None:
+    return out if isinstance(out, Record) else None
+
+
 def kafka_sources(settings: Settings) -> dict[str, Source[Any]]:
     """The two Kafka inputs, by step id: ``workflow-resume`` and ``workflow-scheduler``.
 
@@ -294,13 +359,18 @@ def build_flow(settings: Settings, registry: Registry | None = None, *,
     kind = op.branch("kind", bad.falses, lambda p: isinstance(p.command, Schedule))
 
     items = op.key_on("by-thread", kind.falses, lambda it: it.key)
-    threads = op.stateful(STEP_THREAD, items,
-                          lambda resume: _ThreadLogic(workers.get(), resume))
+    threads = op.key_rm("thread-out", op.stateful(
+        STEP_THREAD, items, lambda resume: _ThreadLogic(workers.get(), resume)))
+    records = op.filter_map("thread-records", threads, _record_of)
+    slots = op.key_on("by-slot", op.filter_map("arms", threads, _arm_of),
+                      lambda arm: slot_of(arm.thread))
+    wheel = op.stateful(STEP_WHEEL, slots,
+                        lambda resume: _WheelLogic(settings.resume_topic, workers.clock, resume))
     schedules = op.key_on("by-scheduler-key", kind.trues, lambda it: it.key)
     fired = op.stateful(STEP_SCHEDULER, schedules,
                         lambda resume: _ScheduleLogic(settings.resume_topic, workers.clock, resume))
 
-    outputs = op.merge("outputs", bad.trues, op.key_rm("thread-records", threads),
+    outputs = op.merge("outputs", bad.trues, records, op.key_rm("wheel-records", wheel),
                        op.key_rm("scheduler-records", fired))
     if sink is None:
         from kwf.engine.sink import KafkaRecordSink
@@ -388,7 +458,8 @@ def run_flow(records: Sequence[RecordTuple | Any], *, settings: Settings | None 
     """Run the real dataflow in-process over ``(topic, key, value[, timestamp])`` records.
 
     Outputs are returned, not fed back (no Kafka in between): a record to ``workflow-resume``
-    or ``workflow-scheduler`` is just an output here. Timers use the wall clock, as in
+    or ``workflow-scheduler`` is just an output here, except the timer wheel's firings, which
+    loop back as Kafka would loop them (and are not returned, as ``Engine.outputs`` omits them). Timers use the wall clock, as in
     production, and Bytewax never fires a timer still pending when the input ends: give
     ``linger`` seconds to keep the input open after the last record.
 
@@ -409,16 +480,17 @@ def run_flow(records: Sequence[RecordTuple | Any], *, settings: Settings | None 
         batch_size: records per input batch.
     """
     from bytewax.recovery import RecoveryConfig, init_db_dir
-    from bytewax.testing import TestingSink, run_main
+    from bytewax.testing import run_main
 
-    from kwf._testing_source import ListSource
+    from kwf._testing_source import ListSource, LoopbackSink
 
     settings = settings or Settings()
     registry = Registry(workflows, default or settings.default_workflow)
     stamp = time.time() if start_time is None else start_time
     out: list[Record] = []
-    flow = build_flow(settings, registry, sink=TestingSink(out),
-                      source=ListSource(records, stamp, linger=linger, batch_size=batch_size))
+    source = ListSource(records, stamp, linger=linger, batch_size=batch_size)
+    flow = build_flow(settings, registry, sink=LoopbackSink(out, source, settings.resume_topic),
+                      source=source)
     recovery = None
     if recovery_dir is not None:
         path = Path(recovery_dir)
