@@ -73,10 +73,15 @@ class WheelState:
         return heap[0][0] if heap else None
 
     def on_timer(self, now: float, resume_topic: str) -> list[Record]:
-        """The firing records of every entry due by ``now``, in due order, stamped with it."""
+        """The firing records of every entry due by ``now``, in due order.
+
+        Stamped ``now``, not with their due time: an input clock reading record timestamps
+        would otherwise take each late firing for a partition still behind, and hold back the
+        next timers until the partition went quiet.
+        """
         out: list[Record] = []
         while (due := self.wakeup()) is not None and due <= now:
             _, thread = heapq.heappop(self._heap)
             del self.entries[thread]
-            out.append(Record(resume_topic, thread, timer_value(due), (), due))
+            out.append(Record(resume_topic, thread, timer_value(due), (), now))
         return out

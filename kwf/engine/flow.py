@@ -31,6 +31,7 @@ from kwf.config import ENGINE_GC_THRESHOLDS, KafkaSettingsError, Settings
 from kwf.engine import logs, metrics
 from kwf.protocol import (
     Command,
+    Fire,
     Incoming,
     ProtocolError,
     Record,
@@ -191,7 +192,8 @@ class _ThreadLogic(op.StatefulLogic[_Item, Record | Arm, _ThreadSnap]):
     def on_item(self, value: _Item) -> tuple[list[Record | Arm], bool]:
         if self.state is None:
             self.state = ThreadState(value.key, self.ctx)
-        self.clock.saw(value.rec)
+        if not isinstance(value.command, Fire):  # our own firings say nothing of the input
+            self.clock.saw(value.rec)
         return self._done(list(self.state.on_command(value.rec, value.command)))  # type: ignore[arg-type]  # branched
 
     @override
