@@ -13,6 +13,7 @@ from __future__ import annotations
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from sys import intern
 
 import structlog
 
@@ -43,6 +44,8 @@ class LiveCache:
     def __init__(self, max_live: int) -> None:
         self.max_live = max_live
         self._lru: OrderedDict[str, ThreadState] = OrderedDict()
+        self.evictions = 0
+        """Instances evicted so far: the engine returns freed memory to the OS after many."""
 
     def touch(self, state: ThreadState) -> None:
         self._lru[state.key] = state
@@ -50,6 +53,7 @@ class LiveCache:
         while len(self._lru) > self.max_live:
             _, oldest = self._lru.popitem(last=False)
             oldest.evict()
+            self.evictions += 1
 
     def forget(self, state: ThreadState) -> None:
         if self._lru.get(state.key) is state:
@@ -85,6 +89,8 @@ class Context:
 class ThreadState:
     """One thread id: its journal, its live instance, and the rules applied to its records."""
 
+    __slots__ = ("key", "ctx", "journal", "instance", "_blocked", "armed")  # a million of them
+
     def __init__(self, key: str, ctx: Context, journal: Journal | None = None) -> None:
         self.key = key
         self.ctx = ctx
@@ -105,6 +111,9 @@ class ThreadState:
         journal = decode(data)
         ctx.journals += 1
         ctx.tombstones += journal.finished
+        # Shared, not one copy per thread: these repeat across a node's million journals.
+        journal.workflow, journal.fingerprint = intern(journal.workflow), intern(journal.fingerprint)
+        journal.status = intern(journal.status)
         return cls(journal.thread, ctx, journal)
 
     def snapshot(self) -> bytes | None:

@@ -151,6 +151,9 @@ class _Workers:
         self._by_thread: dict[int, _Worker] = {}
         self._lock = threading.Lock()
 
+    def evictions(self) -> int:
+        return sum(w.ctx.cache.evictions for w in list(self._by_thread.values()))
+
     def get(self) -> _Worker:
         ident = threading.get_ident()
         worker = self._by_thread.get(ident)
@@ -172,6 +175,8 @@ class _ThreadLogic(op.StatefulLogic[_Item, Record | Arm, _ThreadSnap]):
     match the thread's wakeup (an older snapshot, or a thread that was blocked): the wheel
     slots hold every timer (``kwf.wheel``), so Bytewax scans a bounded number of keys.
     """
+
+    __slots__ = ("ctx", "clock", "state")  # one per thread: no __dict__
 
     def __init__(self, worker: _Worker, resume: _ThreadSnap | bytes | None) -> None:
         self.ctx, self.clock = worker
@@ -336,7 +341,8 @@ def kafka_sources(settings: Settings) -> dict[str, Source[Any]]:
 
 
 def build_flow(settings: Settings, registry: Registry | None = None, *,
-               source: Source[Any] | None = None, sink: Sink[Record] | None = None) -> Dataflow:
+               source: Source[Any] | None = None, sink: Sink[Record] | None = None,
+               trim: bool = False) -> Dataflow:
     """Build the engine's dataflow.
 
     Args:
@@ -346,10 +352,14 @@ def build_flow(settings: Settings, registry: Registry | None = None, *,
         source: one input of ``Incoming`` records (or Kafka messages) instead of the two Kafka
             topics; for ``run_flow``.
         sink: where every output goes instead of ``KafkaRecordSink``.
+        trim: return freed memory to the OS after many evictions (a thread; the engine's
+            process only).
     """
     if registry is None:
         registry = Registry(None, settings.default_workflow)
     workers = _Workers(registry, settings)
+    if trim:
+        threading.Thread(target=_trim_memory, args=(workers,), name="kwf-trim", daemon=True).start()
     flow = Dataflow("kwf")  # the flow id prefixes every recovery key, like the step ids
     if source is not None:
         raw: Stream[Any] = op.input(STEP_TEST_IN, flow, source)
@@ -443,7 +453,31 @@ def from_env() -> Dataflow:
     log.info("engine_starting", brokers=settings.brokers, workflows=sorted(registry.workflows),
              default=registry.default, topics=topics, batch_size=settings.batch_size,
              max_live=settings.max_live)
-    return build_flow(settings, registry)
+    return build_flow(settings, registry, trim=True)
+
+
+TRIM_EVERY_S = 10.0
+TRIM_AFTER_EVICTIONS = 10_000
+
+
+def _trim_memory(workers: _Workers) -> None:
+    """Give freed memory back to the OS after many evictions (glibc keeps it otherwise: RSS
+    would stay at its peak after a burst of live instances). Runs in a daemon thread."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is None or not hasattr(libc, "malloc_trim"):
+        return
+    trimmed = 0
+    while True:
+        time.sleep(TRIM_EVERY_S)
+        evicted = workers.evictions()
+        if evicted - trimmed >= TRIM_AFTER_EVICTIONS:
+            trimmed = evicted
+            libc.malloc_trim(0)  # no gc.collect(): a full collection would stall the worker
+            log.info("memory_trimmed", evictions=evicted)
 
 
 # -- in-process runs -----------------------------------------------------------------------------
