@@ -13,7 +13,8 @@ one worker) on a real broker and measures, writing one JSON document (``--out``)
    resumed: records applied per second (compare across N; the goal is >= 80% of the 10k rate).
 4. **completions**: every channel-waiting thread is resumed: results per second after a restart.
 
-``--memory`` adds an in-process measure (no Kafka): RSS per live thread and per journal-only
+``--loader ROWS:PARTITIONS,...`` times Bytewax's restart query alone, with and without an
+extra index. ``--memory`` adds an in-process measure (no Kafka): RSS per live thread and per journal-only
 thread, and RSS after evicting them all.
 
 Run: ``.venv/bin/python bench/scale.py --brokers 127.0.0.1:19492 --sizes 10000,100000
@@ -256,16 +257,60 @@ def memory(n: int) -> dict[str, Any]:
             "journal_only_bytes_per_thread_after_evict": round((evicted - base) / n)}
 
 
+LOADER_SQL = """WITH max_epoch_snaps AS (
+ SELECT step_id, state_key, MAX(snap_epoch) AS snap_epoch FROM snaps WHERE snap_epoch < ?1
+ GROUP BY step_id, state_key)
+ SELECT step_id, state_key, snap_epoch, ser_change FROM snaps
+ JOIN max_epoch_snaps USING (step_id, state_key, snap_epoch)
+ WHERE ?2 IS NULL OR ?3 IS NULL OR (step_id, state_key) > (?2, ?3)
+ ORDER BY step_id, state_key LIMIT ?4"""
+"""Bytewax 0.21.1's snapshot loader (``src/recovery.rs``, ``SerializedSnapshotLoader::select``)."""
+
+
+def loader(rows: int, partitions: int, workdir: Path, index: bool = False) -> dict[str, Any]:
+    """Bytewax's restart read, outside the engine: ``rows`` snapshots of 300 bytes spread over
+    ``partitions`` tables, paged 1,000 rows at a time with its exact query (Python's SQLite,
+    not the one bundled in Bytewax). ``index`` adds the best extra index we found."""
+    total = pages = 0.0
+    per = rows // partitions
+    for p in range(partitions):
+        db = sqlite3.connect(workdir / f"loader-{rows}-{partitions}-{p}-{index}.db")
+        db.execute("CREATE TABLE snaps (step_id TEXT NOT NULL, state_key TEXT NOT NULL, "
+                   "snap_epoch INTEGER NOT NULL, ser_change BLOB, "
+                   "PRIMARY KEY (step_id, state_key, snap_epoch)) STRICT")
+        db.executemany("INSERT INTO snaps VALUES (?, ?, ?, ?)",
+                       (("kwf.thread.stateful_batch", f"t{p}-{i:08d}", 5, b"x" * 300)
+                        for i in range(per)))
+        if index:
+            db.execute("CREATE INDEX snaps_by_epoch ON snaps (snap_epoch, step_id, state_key)")
+            db.execute("ANALYZE")
+        db.commit()
+        cursor: tuple[str | None, str | None] = (None, None)
+        start = time.perf_counter()
+        while True:
+            batch = db.execute(LOADER_SQL, (100, *cursor, 1000)).fetchall()
+            pages += 1
+            if not batch:
+                break
+            cursor = (batch[-1][0], batch[-1][1])
+        total += time.perf_counter() - start
+        db.close()
+    return {"rows": rows, "partitions": partitions, "extra_index": index,
+            "load_s": round(total, 2), "pages": int(pages)}
+
+
 def main() -> None:
     from kwf.engine.recovery import partitions_for
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--brokers", default=os.environ.get("KWF_BROKERS", "127.0.0.1:9092"))
-    parser.add_argument("--sizes", default="10000,100000,1000000")
+    parser.add_argument("--sizes", default="10000,100000,1000000", help="'' for none")
     parser.add_argument("--partitions", default="auto",
                         help="recovery partitions: a number, or auto (from the thread count)")
     parser.add_argument("--probe", type=int, default=10_000)
     parser.add_argument("--memory", type=int, default=0, help="threads for the in-process measure")
+    parser.add_argument("--loader", default="",
+                        help="rows:partitions[,...]: time Bytewax's restart query alone")
     parser.add_argument("--out", default="bench-scale.json")
     args = parser.parse_args()
     result: dict[str, Any] = {"uptime": subprocess.run(["uptime"], capture_output=True,
@@ -274,7 +319,13 @@ def main() -> None:
         result["memory"] = memory(args.memory)
         print(json.dumps(result["memory"]), flush=True)
     with tempfile.TemporaryDirectory(prefix="kwf-scale-") as tmp:
-        for n in (int(x) for x in args.sizes.split(",")):
+        for spec in filter(None, args.loader.split(",")):
+            rows, parts = (int(x) for x in spec.split(":"))
+            for index in (False, True):
+                one = loader(rows, parts, Path(tmp), index)
+                print(json.dumps(one), flush=True)
+                result.setdefault("loader", []).append(one)
+        for n in (int(x) for x in args.sizes.split(",") if x):
             parts = partitions_for(2 * n) if args.partitions == "auto" else int(args.partitions)
             one = run_size(args.brokers, n, parts, args.probe, Path(tmp))
             one["uptime_after"] = subprocess.run(["uptime"], capture_output=True,
