@@ -65,7 +65,6 @@ class Compacted:
     """What ``compact`` removed, over all partitions."""
 
     partitions: int
-    rows_before: int
     dead_nulls: int
     superseded: int
     seconds: float
@@ -75,11 +74,10 @@ def compact(recovery_dir: str | Path) -> Compacted:
     """Delete the rows no restart needs from every partition of ``recovery_dir``."""
     start = time.monotonic()
     parts = sorted(Path(recovery_dir).glob("part-*.sqlite3"))
-    before = nulls = superseded = 0
+    nulls = superseded = 0
     for part in parts:
         db = sqlite3.connect(part, timeout=30.0)
         try:
-            before += db.execute("SELECT COUNT(*) FROM snaps").fetchone()[0]
             with db:
                 nulls += db.execute(_DEAD_NULLS).rowcount
                 row = db.execute("SELECT MIN(commit_epoch) FROM commits").fetchone()
@@ -87,8 +85,8 @@ def compact(recovery_dir: str | Path) -> Compacted:
                     superseded += db.execute(_SUPERSEDED, (row[0],)).rowcount
         finally:
             db.close()
-    done = Compacted(len(parts), before, nulls, superseded, time.monotonic() - start)
+    done = Compacted(len(parts), nulls, superseded, time.monotonic() - start)
     log.info("recovery_compacted", dir=str(recovery_dir), partitions=done.partitions,
-             rows_before=done.rows_before, dead_nulls=done.dead_nulls,
+             dead_nulls=done.dead_nulls,
              superseded=done.superseded, seconds=round(done.seconds, 3))
     return done
