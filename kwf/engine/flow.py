@@ -29,6 +29,8 @@ from typing_extensions import override
 
 from kwf.config import ENGINE_GC_THRESHOLDS, KafkaSettingsError, Settings
 from kwf.engine import logs, metrics
+from kwf.engine.memory import start_trimming
+from kwf.engine.wheel import WheelLogic
 from kwf.protocol import (
     Command,
     Fire,
@@ -42,7 +44,7 @@ from kwf.protocol import (
 )
 from kwf.registry import Registry, Workflow, WorkflowFn
 from kwf.thread import Context, ScheduleState, ThreadState
-from kwf.wheel import Arm, WheelState, slot_of
+from kwf.wheel import Arm, slot_of
 
 log = structlog.get_logger("kwf.engine.flow")
 
@@ -224,42 +226,6 @@ _UNKNOWN = float("nan")
 """``armed`` of a thread restored from a snapshot without it: never equal, so it arms again."""
 
 
-class _WheelLogic(op.StatefulLogic[Arm, Record, tuple[str, dict[str, float]]]):
-    """Bytewax's handle on one timer wheel slot (``kwf.wheel.WheelState``)."""
-
-    def __init__(self, resume_topic: str, clock: InputClock,
-                 resume: tuple[str, dict[str, float]] | None) -> None:
-        self.resume_topic = resume_topic
-        self.clock = clock
-        self.state = WheelState(*resume) if resume is not None else None
-
-    def _done(self, records: list[Record]) -> tuple[list[Record], bool]:
-        empty = self.state is None or not self.state.entries
-        return records, self.DISCARD if empty else self.RETAIN
-
-    @override
-    def on_item(self, value: Arm) -> tuple[list[Record], bool]:
-        if self.state is None:
-            self.state = WheelState(slot_of(value.thread))
-        self.state.on_arm(value)
-        return self._done([])
-
-    @override
-    def on_notify(self) -> tuple[list[Record], bool]:
-        if self.state is None:
-            return self._done([])
-        return self._done(self.state.on_timer(self.clock.now(), self.resume_topic))
-
-    @override
-    def notify_at(self) -> datetime | None:
-        return self.clock.notify_at(self.state.wakeup()) if self.state is not None else None
-
-    @override
-    def snapshot(self) -> tuple[str, dict[str, float]]:
-        assert self.state is not None
-        return self.state.key, dict(self.state.entries)
-
-
 class _ScheduleLogic(op.StatefulLogic[_Item, Record, tuple[str, dict[str, float]]]):
     """Bytewax's handle on one ``ScheduleState``; the snapshot carries the key (builders lack it)."""
 
@@ -359,7 +325,7 @@ def build_flow(settings: Settings, registry: Registry | None = None, *,
         registry = Registry(None, settings.default_workflow)
     workers = _Workers(registry, settings)
     if trim:
-        threading.Thread(target=_trim_memory, args=(workers,), name="kwf-trim", daemon=True).start()
+        start_trimming(workers.evictions)
     flow = Dataflow("kwf")  # the flow id prefixes every recovery key, like the step ids
     if source is not None:
         raw: Stream[Any] = op.input(STEP_TEST_IN, flow, source)
@@ -377,7 +343,7 @@ def build_flow(settings: Settings, registry: Registry | None = None, *,
     slots = op.key_on("by-slot", op.filter_map("arms", threads, _arm_of),
                       lambda arm: slot_of(arm.thread))
     wheel = op.stateful(STEP_WHEEL, slots,
-                        lambda resume: _WheelLogic(settings.resume_topic, workers.clock, resume))
+                        lambda resume: WheelLogic(settings.resume_topic, workers.clock, resume))
     schedules = op.key_on("by-scheduler-key", kind.trues, lambda it: it.key)
     fired = op.stateful(STEP_SCHEDULER, schedules,
                         lambda resume: _ScheduleLogic(settings.resume_topic, workers.clock, resume))
@@ -454,30 +420,6 @@ def from_env() -> Dataflow:
              default=registry.default, topics=topics, batch_size=settings.batch_size,
              max_live=settings.max_live)
     return build_flow(settings, registry, trim=True)
-
-
-TRIM_EVERY_S = 10.0
-TRIM_AFTER_EVICTIONS = 10_000
-
-
-def _trim_memory(workers: _Workers) -> None:
-    """Give freed memory back to the OS after many evictions (glibc keeps it otherwise: RSS
-    would stay at its peak after a burst of live instances). Runs in a daemon thread."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    if libc is None or not hasattr(libc, "malloc_trim"):
-        return
-    trimmed = 0
-    while True:
-        time.sleep(TRIM_EVERY_S)
-        evicted = workers.evictions()
-        if evicted - trimmed >= TRIM_AFTER_EVICTIONS:
-            trimmed = evicted
-            libc.malloc_trim(0)  # no gc.collect(): a full collection would stall the worker
-            log.info("memory_trimmed", evictions=evicted)
 
 
 # -- in-process runs -----------------------------------------------------------------------------
