@@ -238,23 +238,41 @@ def run_size(brokers: str, n: int, partitions: int, probe: int, workdir: Path) -
 
 
 def memory(n: int) -> dict[str, Any]:
-    """In-process: RSS per live thread and per journal-only thread, and after evicting all."""
+    """In-process, RSS per thread: journal-only as a restart restores them
+    (``ThreadState.restore``, no instance), live, after evicting them all, and after
+    ``malloc_trim``. Each measure adds objects while the earlier ones stay alive."""
+    import ctypes
     import gc
 
+    from kwf.journal import encode
     from kwf.testing import Engine
+    from kwf.thread import ThreadState
 
+    one = Engine(workflows=[wait])
+    one.send("m", "new:null")
+    blob = encode(one.journal("m"))  # type: ignore[arg-type]
+    gc.collect()
     base = rss_bytes(os.getpid())
+    restored = [ThreadState.restore(blob, one.ctx) for _ in range(n)]
+    for i, state in enumerate(restored):
+        state.key = state.journal.thread = f"r{i:07d}"  # type: ignore[union-attr]
+    journal_only = rss_bytes(os.getpid())
     eng = Engine(workflows=[wait], max_live=n + 1)
     for i in range(n):
         eng.send(f"m{i}", "new:null")
-    eng._outputs.clear()  # noqa: SLF001 - the outputs list is not the engine's thread state
+    eng._outputs.clear()  # noqa: SLF001 - the outputs and inputs lists are not thread state
+    eng._inputs.clear()  # noqa: SLF001
     gc.collect()
     live = rss_bytes(os.getpid())
     eng.evict()
     gc.collect()
     evicted = rss_bytes(os.getpid())
-    return {"threads": n, "live_bytes_per_thread": round((live - base) / n),
-            "journal_only_bytes_per_thread_after_evict": round((evicted - base) / n)}
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trimmed = rss_bytes(os.getpid())
+    return {"threads": n, "journal_only_bytes_per_thread": round((journal_only - base) / n),
+            "live_bytes_per_thread": round((live - journal_only) / n),
+            "after_evict_bytes_per_thread": round((evicted - journal_only) / n),
+            "after_evict_and_trim_bytes_per_thread": round((trimmed - journal_only) / n)}
 
 
 LOADER_SQL = """WITH max_epoch_snaps AS (
