@@ -12,8 +12,7 @@ import flow_workflows as fw
 
 from kwf.config import Settings
 from kwf.engine.flow import run_flow
-from kwf.engine.recovery import (MAX_PARTITIONS, compact, partitions_for,
-                                 recovery_dir_of)
+from kwf.engine.recovery import MAX_PARTITIONS, compact, partitions_for
 
 RESUME = "workflow-resume"
 THREAD_STEP = "kwf.thread.stateful_batch"
@@ -80,10 +79,3 @@ def test_compact_drops_rows_superseded_at_the_commit_epoch(tmp_path: Path) -> No
 def test_partitions_follow_the_expected_threads() -> None:
     assert [partitions_for(n) for n in (0, 10_000, 10_001, 1_000_000)] == [1, 1, 2, 100]
     assert partitions_for(10**9) == MAX_PARTITIONS
-
-
-def test_the_recovery_directory_is_read_from_bytewax_run_flags() -> None:
-    assert recovery_dir_of(["run.py", "dataflow", "-r", "/x", "-s", "5"], {}) == Path("/x")
-    assert recovery_dir_of(["run.py", "--recovery-directory=/y"], {}) == Path("/y")
-    assert recovery_dir_of(["run.py"], {"BYTEWAX_RECOVERY_DIRECTORY": "/z"}) == Path("/z")
-    assert recovery_dir_of(["run.py", "dataflow"], {}) is None

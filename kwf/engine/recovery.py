@@ -71,7 +71,8 @@ class Compacted:
 
 
 def compact(recovery_dir: str | Path) -> Compacted:
-    """Delete the rows no restart needs from every partition of ``recovery_dir``."""
+    """Delete the rows no restart needs from every partition of ``recovery_dir``; a partition
+    that cannot be compacted is logged and left as it is (a restart is only slower)."""
     start = time.monotonic()
     parts = sorted(Path(recovery_dir).glob("part-*.sqlite3"))
     nulls = superseded = 0
@@ -83,6 +84,8 @@ def compact(recovery_dir: str | Path) -> Compacted:
                 row = db.execute("SELECT MIN(commit_epoch) FROM commits").fetchone()
                 if row is not None and row[0] is not None:
                     superseded += db.execute(_SUPERSEDED, (row[0],)).rowcount
+        except sqlite3.Error as e:  # only slower without it: Bytewax says if the file is bad
+            log.warning("recovery_not_compacted", partition=str(part), reason=str(e))
         finally:
             db.close()
     done = Compacted(len(parts), nulls, superseded, time.monotonic() - start)
