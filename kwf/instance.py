@@ -52,7 +52,7 @@ class Instance:
         self.loop = WorkflowLoop(  # type: ignore[abstract]
             journal.started, journal.thread, workflow.location)
         self.loop.instance = self
-        self.rng = random.Random(zlib.crc32(f"{journal.thread}/{journal.base_step}".encode()))
+        self._rng: random.Random | None = None
         self.pending: dict[str, _Future] = {}
         self.step = journal.base_step
         self.seq = journal.base_seq
@@ -77,6 +77,15 @@ class Instance:
         """``kwf.continue_as_new(arg, workflow)`` was called: the new run's argument and workflow."""
         self.main = self.loop.create_task(workflow.fn(_fresh(journal.arg)), name=journal.thread)
         _UNDISPOSED.add(self)
+
+    @property
+    def rng(self) -> random.Random:
+        """The thread's seeded random source (``kwf.random``), made on first use: its 2.5 KB of
+        state would otherwise cost every live thread, most of which never draw."""
+        if self._rng is None:
+            seed = f"{self.journal.thread}/{self.journal.base_step}"
+            self._rng = random.Random(zlib.crc32(seed.encode()))
+        return self._rng
 
     # -- building ------------------------------------------------------------------------
     @classmethod

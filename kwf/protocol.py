@@ -121,7 +121,25 @@ class Cancel:
     payload: Any = None
 
 
-Command = Union[Start, Resume, Cancel]
+@dataclass(frozen=True)
+class Fire:
+    """``timer:<due>``: the timer wheel's firing for one thread (``kwf.wheel``). The thread
+    fires its durable timers due by ``due``, or drops its tombstone if it expired by then; a
+    stale firing (the thread moved on) changes nothing. Anyone may send one: it fires nothing
+    a record stamped ``due`` would not fire anyway."""
+
+    due: float
+
+
+TIMER_PREFIX = "timer:"
+
+
+def timer_value(due: float) -> str:
+    """The value of a firing record (``Fire``): ``timer:<due>``, the due time in epoch seconds."""
+    return f"{TIMER_PREFIX}{due!r}"
+
+
+Command = Union[Start, Resume, Cancel, Fire]
 
 
 @dataclass(frozen=True)
@@ -262,9 +280,11 @@ def parse_command(text: str) -> Command:
     if text.startswith("cancel:"):
         rest = text[len("cancel:"):]
         return Cancel(loads(rest) if rest.strip() else None)
+    if text.startswith(TIMER_PREFIX):
+        return _fire(text)
     if not text.lstrip().startswith("{"):
         raise ProtocolError("bad-form", f"{_clip(text)} is none of new:<json>, "
-                            'new:<name>:<json>, init:..., cancel:, {"ref": ..., "value": ...}')
+                            'new:<name>:<json>, init:..., cancel:, {"ref": ..., "value": ...}, timer:<due>')
     obj = loads(text)
     ref = obj.get("ref") if isinstance(obj, dict) else None
     if not isinstance(ref, str):
@@ -289,6 +309,17 @@ def _child(obj: Any, text: str) -> StartChild:
 def child_value(workflow: str, arg: Any, parent: str, ref: str | None) -> str:
     """The ``child:`` record a parent writes to ``workflow-resume`` (key: the child's id)."""
     return "child:" + dumps({"workflow": workflow, "arg": arg, "parent": parent, "ref": ref})
+
+
+def _fire(text: str) -> Fire:
+    try:
+        due = _finite(text[len(TIMER_PREFIX):])
+    except ValueError:
+        due = math.nan
+    if math.isnan(due):
+        raise ProtocolError("bad-timer", f"{_clip(text)} is not timer:<due>, the due time in "
+                            "seconds since the epoch; kwf's timer wheel writes these")
+    return Fire(due)
 
 
 def parse_schedule(rec: Incoming, max_bytes: int) -> Schedule:

@@ -1,11 +1,14 @@
 """Run workflows in-process, without Kafka: for unit tests, debuggers and notebooks.
 
-``Engine`` applies records exactly as the dataflow does (the same ``protocol.parse`` and the
-same ``ThreadState``), on a virtual clock, and loops records written to ``workflow-resume``
-and ``workflow-scheduler`` back into itself, as Kafka would. It numbers the records it reads as
-Kafka would with one partition per topic: each topic's records take offsets 0, 1, 2, ... in the
-order they are read, so suspend ids (``<offset>:<n>``) are those the engine would make.
-``run_flow`` runs the real Bytewax dataflow over a list of records.
+``Engine`` applies records exactly as the dataflow does (the same ``protocol.parse``, the
+same ``ThreadState`` and the same timer wheel), on a virtual clock, and loops records written
+to ``workflow-resume`` and ``workflow-scheduler`` back into itself, as Kafka would. It numbers
+the records it reads as Kafka would with one partition per topic: each topic's records take
+offsets 0, 1, 2, ... in the order they are read, so suspend ids (``<offset>:<n>``) are those
+the engine would make. Timers fire as the dataflow fires them, through ``timer:<due>`` records
+on ``workflow-resume`` (see ``kwf.wheel``), numbered apart (partition 1) so that they do not
+shift the offsets of the records a test sends; ``outputs()`` leaves them out, being kwf's own
+plumbing. ``run_flow`` runs the real Bytewax dataflow over a list of records.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from kwf.journal import CONTINUED, Journal
 from kwf.protocol import Incoming, ProtocolError, Record, Schedule, dead_letter, dumps, parse
 from kwf.registry import Registry, Workflow, WorkflowFn
 from kwf.thread import Context, ScheduleState, ThreadState
+from kwf.wheel import WheelState
 
 if TYPE_CHECKING:
     from kwf._timeline import Timeline
@@ -67,12 +71,14 @@ class Engine:
         self.clock = start_time
         self.threads: dict[str, ThreadState] = {}
         self.schedules: dict[str, ScheduleState] = {}
+        self.wheel = WheelState("engine")  # one slot: no Bytewax here to scan keys
         self._outputs: list[Record] = []
         self._queue: deque[Incoming] = deque()
         self._handlers: dict[str, Handler] = {}
         self._inputs: list[Incoming] = []
         self._offsets: dict[str, itertools.count[int]] = {}
         self._finished: dict[str, Journal] = {}
+        self._firings = itertools.count()
 
     # -- input ---------------------------------------------------------------------------
     def send(self, key: str | bytes | None, value: str | bytes | None, *,
@@ -97,6 +103,9 @@ class Engine:
     def advance_to(self, time: float) -> list[Record]:
         """Move the virtual clock to ``time`` (never backwards), firing due timers in order."""
         start = len(self._outputs)
+        for thread in self.threads.values():  # threads restored from a journal by hand
+            if (arm := thread.arm()) is not None:
+                self.wheel.on_arm(arm)
         while True:
             due = min((t for t in self._wakeups() if t <= time), default=None)
             if due is None:
@@ -107,11 +116,11 @@ class Engine:
                     self._collect(state.on_timer(due, self.settings.resume_topic))
                     if not state.entries:
                         del self.schedules[key]
-            for key, thread in list(self.threads.items()):
-                if (t := thread.wakeup()) is not None and t <= due:
-                    self._collect(thread.on_timer(due))
-                    if thread.journal is None:
-                        del self.threads[key]
+            for rec in self.wheel.on_timer(due, self.settings.resume_topic):
+                # Numbered apart (partition 1), so that the offsets of the records a test
+                # sends do not depend on how many timers fired in between.
+                self._queue.append(Incoming(rec.topic, rec.key, rec.value, rec.timestamp,
+                                            1, next(self._firings)))
             self._drain()
         self.clock = max(self.clock, time)
         return self._outputs[start:]
@@ -224,7 +233,7 @@ class Engine:
 
     # -- the loop ------------------------------------------------------------------------
     def _wakeups(self) -> Iterable[float]:
-        states: list[ScheduleState | ThreadState] = [*self.schedules.values(), *self.threads.values()]
+        states: list[ScheduleState | WheelState] = [*self.schedules.values(), self.wheel]
         for state in states:
             t = state.wakeup()
             if t is not None:
@@ -256,6 +265,8 @@ class Engine:
             if thread is None:
                 thread = self.threads[key] = _KeepingThread(key, self.ctx, self._finished)
             self._collect(thread.on_command(rec, command))
+            if (arm := thread.arm()) is not None:
+                self.wheel.on_arm(arm)
             if thread.journal is None:
                 del self.threads[key]
 

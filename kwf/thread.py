@@ -13,6 +13,7 @@ from __future__ import annotations
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from sys import intern
 
 import structlog
 
@@ -22,9 +23,10 @@ from kwf.errors import NonDeterminismError
 from kwf.instance import Instance
 from kwf.journal import (CANCEL, CONTINUED, ERROR, FAILED, RESUME, TIMER, Event, Journal, decode,
                          encode)
-from kwf.protocol import (Cancel, Command, Incoming, Record, Resume, Schedule, Start, StartChild,
-                          dead_letter, dumps, output_record)
+from kwf.protocol import (Cancel, Command, Fire, Incoming, Record, Resume, Schedule, Start,
+                          StartChild, dead_letter, dumps, output_record)
 from kwf.registry import Registry, UnknownWorkflow
+from kwf.wheel import Arm
 
 log = structlog.get_logger("kwf.thread")
 
@@ -42,6 +44,8 @@ class LiveCache:
     def __init__(self, max_live: int) -> None:
         self.max_live = max_live
         self._lru: OrderedDict[str, ThreadState] = OrderedDict()
+        self.evictions = 0
+        """Instances evicted so far: the engine returns freed memory to the OS after many."""
 
     def touch(self, state: ThreadState) -> None:
         self._lru[state.key] = state
@@ -49,6 +53,7 @@ class LiveCache:
         while len(self._lru) > self.max_live:
             _, oldest = self._lru.popitem(last=False)
             oldest.evict()
+            self.evictions += 1
 
     def forget(self, state: ThreadState) -> None:
         if self._lru.get(state.key) is state:
@@ -84,12 +89,16 @@ class Context:
 class ThreadState:
     """One thread id: its journal, its live instance, and the rules applied to its records."""
 
+    __slots__ = ("key", "ctx", "journal", "instance", "_blocked", "armed")  # a million of them
+
     def __init__(self, key: str, ctx: Context, journal: Journal | None = None) -> None:
         self.key = key
         self.ctx = ctx
         self.journal = journal
         self.instance: Instance | None = None
         self._blocked = False  # its workflow is not served: wait for a record, not a timer
+        self.armed: float | None = None
+        """The wakeup the timer wheel holds for this thread (``kwf.wheel``); part of the snapshot."""
 
     @classmethod
     def restore(cls, data: bytes, ctx: Context) -> ThreadState:
@@ -102,6 +111,9 @@ class ThreadState:
         journal = decode(data)
         ctx.journals += 1
         ctx.tombstones += journal.finished
+        # Shared, not one copy per thread: these repeat across a node's million journals.
+        journal.workflow, journal.fingerprint = intern(journal.workflow), intern(journal.fingerprint)
+        journal.status = intern(journal.status)
         return cls(journal.thread, ctx, journal)
 
     def snapshot(self) -> bytes | None:
@@ -121,11 +133,31 @@ class ThreadState:
             return j.time  # park it now
         return j.expires if j.finished else j.next_timer()
 
+    def arm(self) -> Arm | None:
+        """After a record: what to tell the timer wheel, if the wakeup it holds is not current."""
+        due = self.wakeup()
+        if due == self.armed:
+            return None
+        self.armed = due
+        return Arm(self.key, due)
+
     # -- events ------------------------------------------------------------------------------
+    def on_fire(self, fire: Fire) -> list[Record]:
+        """A firing of the timer wheel: timers due by then fire, an expired tombstone goes.
+
+        The wheel forgot the entry it fired; if it was the one this thread armed, nothing is
+        armed any more (``arm`` then sends the next wakeup). Stale firings change nothing.
+        """
+        if fire.due == self.armed:
+            self.armed = None
+        return self.on_timer(fire.due)
+
     def on_command(self, rec: Incoming, cmd: Command) -> list[Record]:
         """Apply a parsed ``workflow-resume`` record; never raises for a workflow's sake."""
-        out: list[Record] = []  # filled as steps commit, so an error later loses none of them
         observe.stats.record(_kind(cmd), rec.timestamp)
+        if isinstance(cmd, Fire):
+            return self.on_fire(cmd)
+        out: list[Record] = []  # filled as steps commit, so an error later loses none of them
         try:
             self._on_command(rec, cmd, out)
         except Exception as e:  # a bug of ours: keep the journal, drop the live object
@@ -171,8 +203,11 @@ class ThreadState:
         if isinstance(cmd, Resume):
             event: Event = (ERROR if cmd.is_error else RESUME, time, cmd.ref,
                             cmd.error if cmd.is_error else cmd.value, origin)
-        else:
+        elif isinstance(cmd, Cancel):
             event = (CANCEL, time, None, cmd.payload, origin)
+        else:  # a Fire is applied by on_fire, never here
+            msg = f"thread {self.key!r}: {cmd!r} reached _on_command"
+            raise TypeError(msg)
         records = instance.apply(event)
         if records is None:
             log.info("stale_record_ignored", thread=self.key, ref=getattr(cmd, "ref", None),
@@ -396,11 +431,13 @@ class ThreadState:
 
 
 def _kind(cmd: Command) -> str:
-    """A record's kind, for the metrics: new, init, resume, error or cancel."""
+    """A record's kind, for the metrics: new, init, resume, error, cancel or timer."""
     if isinstance(cmd, Start):
         return "init" if cmd.only_if_new else "new"
     if isinstance(cmd, Resume):
         return "error" if cmd.is_error else "resume"
+    if isinstance(cmd, Fire):
+        return "timer"
     return "cancel" if isinstance(cmd, Cancel) else "other"
 
 

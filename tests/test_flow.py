@@ -41,6 +41,7 @@ from kwf.config import Settings
 from kwf.engine.flow import run_flow
 from kwf.protocol import Record
 from kwf.testing import Engine
+from kwf.wheel import slot_of
 from workflows import approval, ecommerce, order, trip_booking
 
 RESUME, SCHEDULER, DLQ = "workflow-resume", "workflow-scheduler", "workflow-dlq"
@@ -301,18 +302,23 @@ def _globals_in(blob: bytes) -> list[str]:
 
 def test_snapshots_hold_bytes_and_builtins_only(tmp_path: Path) -> None:
     """Bytewax pickles snapshots with stdlib pickle: no class may be stored by module path."""
-    records = [(RESUME, "t1", "new:ftrip:{}", FUTURE), (SCHEDULER, 't1|{"ref": "x"}', str(10**12), FUTURE)]
+    records = [(RESUME, "t1", "new:ftrip:{}", FUTURE), (SCHEDULER, 't1|{"ref": "x"}', str(10**12), FUTURE),
+               (RESUME, "t2", 'new:fcart:{"timeout": 30}', FUTURE)]
     run_flow(records, workflows=fw.ALL, recovery_dir=tmp_path, epoch_interval=timedelta(0))
     with sqlite3.connect(tmp_path / "part-0.sqlite3") as db:
         rows = db.execute("SELECT step_id, state_key, ser_change FROM snaps "
                           "WHERE ser_change IS NOT NULL").fetchall()
     steps = {step for step, _, _ in rows}
-    assert steps == {"kwf.records", "kwf.thread.stateful_batch", "kwf.scheduler.stateful_batch"}
+    assert steps == {"kwf.records", "kwf.thread.stateful_batch", "kwf.scheduler.stateful_batch",
+                     "kwf.wheel.stateful_batch"}
     for step, key, blob in rows:
         assert _globals_in(blob) == [], (step, key)
         state = pickle.loads(blob)
-        if step == "kwf.thread.stateful_batch":
-            assert isinstance(state, bytes)
+        if step == "kwf.thread.stateful_batch":  # the journal, and the wakeup its wheel slot holds
+            journal, armed = state
+            assert isinstance(journal, bytes) and armed == (FUTURE + 30 if key == "t2" else None)
+        elif step == "kwf.wheel.stateful_batch":  # the timer is held by a slot, not the thread
+            assert state == (slot_of("t2"), {"t2": FUTURE + 30})
         elif step == "kwf.scheduler.stateful_batch":
             assert state == ("t1", {'{"ref": "x"}': FUTURE + 10**9})
 

@@ -60,12 +60,13 @@ def _rows(part: Path, keys: Iterable[str] | None) -> Iterator[tuple[str, bytes]]
 def read_journals(recovery_dir: str | Path, keys: Iterable[str] | None = None) -> Iterator[Journal]:
     """The newest journal of each thread in the store (only ``keys`` if given), in no order.
 
-    A snapshot is Bytewax's pickle of the bytes kwf gave it: our own store, never Kafka input.
+    A snapshot is Bytewax's pickle of what kwf gave it, the journal's bytes and the thread's
+    wheel entry (bytes alone before the timer wheel): our own store, never Kafka input.
     """
     wanted = None if keys is None else set(keys)
     for part in partitions(recovery_dir):
         for _key, data in _rows(part, wanted):
-            yield decode(pickle.loads(data))  # noqa: S301 - the engine's own snapshot
+            yield decode(_journal_bytes(data))
 
 
 def snapshots(part: Path, accept: Callable[[str], bool] | None = None) -> Iterator[tuple[str, bytes]]:
@@ -77,4 +78,11 @@ def snapshots(part: Path, accept: Callable[[str], bool] | None = None) -> Iterat
     """
     for key, data in _rows(part, None):
         if accept is None or accept(key):
-            yield key, pickle.loads(data)  # noqa: S301 - the engine's own snapshot
+            yield key, _journal_bytes(data)
+
+
+def _journal_bytes(data: bytes) -> bytes:
+    """The journal's bytes from a stored snapshot: Bytewax's pickle of what kwf gave it, the
+    journal's bytes and the thread's timer wheel entry (bytes alone before the wheel)."""
+    snap = pickle.loads(data)  # noqa: S301 - the engine's own snapshot
+    return snap[0] if isinstance(snap, tuple) else snap  # type: ignore[no-any-return]

@@ -22,6 +22,7 @@ from kwf.config import Settings
 from kwf.cli.demo import add_demo_arguments, demo_command, use_examples
 from kwf.engine import ENTRY
 from kwf.engine.admin import KafkaSetupError, check_brokers, ensure_topics, required_topics
+from kwf.engine.recovery import partitions_for
 from kwf.kafka.broker import DEFAULT_PORT, BrokerError, LocalBroker
 
 
@@ -105,16 +106,21 @@ def register_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
                      help="seconds between snapshots: outputs since the last one are "
                           "written again after a crash (%(default)s)")
     run.add_argument("-w", "--workers", type=int, default=1, help="worker threads")
+    run.add_argument("--threads", type=int, default=1_000_000,
+                     help="threads this node is expected to hold, waiting or finished within "
+                          "retention: one recovery partition per 10,000 when the directory is "
+                          "created, fixed for ever (%(default)s)")
     run.add_argument("--partitions", type=int,
-                     default=int(os.environ.get("KWF_RECOVERY_PARTITIONS") or 1),
-                     help="recovery partitions, when creating the directory: the most workers "
-                          "you will ever run (%(default)s)")
+                     default=int(os.environ.get("KWF_RECOVERY_PARTITIONS") or 0) or None,
+                     help="recovery partitions instead of --threads' choice, when creating the "
+                          "directory: at least the most workers you will ever run")
     run.set_defaults(handler=run_command)
 
 
 def run_command(args: argparse.Namespace) -> int:
+    partitions = args.partitions or max(args.workers, partitions_for(args.threads))
     command = engine_command(Path(args.state).resolve(), args.snapshot, args.workers)
-    env = {**os.environ, "KWF_RECOVERY_PARTITIONS": str(args.partitions)}
+    env = {**os.environ, "KWF_RECOVERY_PARTITIONS": str(partitions)}
     print(" ".join(command[1:]), flush=True)
     os.execve(command[0], command, env)  # Bytewax gets the signals itself (Ctrl-C, SIGTERM)
 

@@ -27,7 +27,8 @@ def engine_flow() -> Any:
 
     from kwf.config import Settings
     from kwf.engine import logs
-    from kwf.engine._startup import guard
+    from kwf.engine._startup import guard, launch_from_argv
+    from kwf.engine.recovery import compact
     from kwf.engine.admin import KafkaSetupError
     from kwf.registry import Registry
 
@@ -35,7 +36,10 @@ def engine_flow() -> Any:
     try:
         flow = from_env()
         settings = Settings.from_env()
-        guard(settings, Registry(None, settings.default_workflow))
+        launch = launch_from_argv()
+        guard(settings, Registry(None, settings.default_workflow), launch)
+        if launch is not None and launch.recovery is not None:
+            compact(launch.recovery)  # before Bytewax opens it: its loader pays for every row
         return flow
     except (KafkaSetupError, StartupError) as e:
         structlog.get_logger("kwf.engine").error("engine_not_started", reason=str(e),

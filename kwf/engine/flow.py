@@ -3,8 +3,8 @@
 What a record means and what a thread does is decided by ``kwf.protocol.parse`` and
 ``kwf.thread`` (shared with ``kwf.testing.Engine``); this module only wires them into Bytewax:
 sources, a parse step that dead-letters what it refuses, one ``op.stateful`` logic per thread
-id and one per scheduler key, wall-clock timers through ``notify_at``, and one sink for every
-output. Snapshots are our own bytes (or builtins), never objects pickled by module path, and a
+id, per timer wheel slot and per scheduler key, wall-clock timers through ``notify_at`` (on
+wheel slots and scheduler keys only), and one sink for every output. Snapshots are our own bytes (or builtins), never objects pickled by module path, and a
 restored thread is not replayed until it has work. Step ids below are part of the recovery
 format: renaming one silently drops its state.
 """
@@ -31,6 +31,8 @@ from typing_extensions import override
 from kwf.config import ENGINE_GC_THRESHOLDS, KafkaSettingsError, Settings
 from kwf.engine import logs, metrics
 from kwf.engine.clock import InputClock
+from kwf.engine.memory import start_trimming
+from kwf.engine.wheel import WheelLogic
 from kwf.protocol import (
     Command,
     Incoming,
@@ -43,6 +45,7 @@ from kwf.protocol import (
 )
 from kwf.registry import Registry, Workflow, WorkflowFn
 from kwf.thread import Context, ScheduleState, ThreadState
+from kwf.wheel import Arm, slot_of
 
 log = structlog.get_logger("kwf.engine.flow")
 
@@ -52,6 +55,7 @@ STEP_SCHEDULER_IN = "workflow-scheduler"
 STEP_TEST_IN = "records"
 STEP_THREAD = "thread"
 STEP_SCHEDULER = "scheduler"
+STEP_WHEEL = "wheel"
 STEP_OUT = "out"
 
 CHECK_TIMEOUT_S = 5.0
@@ -101,6 +105,9 @@ class _Workers:
         self._by_thread: dict[int, _Worker] = {}
         self._lock = threading.Lock()
 
+    def evictions(self) -> int:
+        return sum(w.ctx.cache.evictions for w in list(self._by_thread.values()))
+
     def get(self) -> _Worker:
         ident = threading.get_ident()
         worker = self._by_thread.get(ident)
@@ -111,41 +118,62 @@ class _Workers:
         return worker
 
 
-class _ThreadLogic(op.StatefulLogic[_Item, Record, bytes]):
-    """Bytewax's handle on one ``ThreadState``; every rule lives in ``kwf.thread``."""
+_ThreadSnap = tuple[bytes, float | None]
+"""A thread's snapshot: its journal's bytes and the wakeup its wheel slot holds (``armed``)."""
 
-    def __init__(self, worker: _Worker, resume: bytes | None) -> None:
+
+class _ThreadLogic(op.StatefulLogic[_Item, Record | Arm, _ThreadSnap]):
+    """Bytewax's handle on one ``ThreadState``; every rule lives in ``kwf.thread``.
+
+    It holds no Bytewax wakeup of its own, except once after a restore whose snapshot does not
+    match the thread's wakeup (an older snapshot, or a thread that was blocked): the wheel
+    slots hold every timer (``kwf.wheel``), so Bytewax scans a bounded number of keys.
+    """
+
+    __slots__ = ("ctx", "clock", "state")  # one per thread: no __dict__
+
+    def __init__(self, worker: _Worker, resume: _ThreadSnap | bytes | None) -> None:
         self.ctx, self.clock = worker
-        # Decoding is cheap; the live instance is rebuilt by replay only when work arrives.
-        self.state = ThreadState.restore(resume, self.ctx) if resume is not None else None
+        self.state: ThreadState | None = None
+        if resume is not None:  # decoding is cheap; the instance is rebuilt on work, by replay
+            data, armed = resume if isinstance(resume, tuple) else (resume, _UNKNOWN)
+            self.state = ThreadState.restore(data, self.ctx)
+            self.state.armed = armed
 
-    def _done(self, records: list[Record]) -> tuple[list[Record], bool]:
-        gone = self.state is None or self.state.journal is None
+    def _done(self, records: list[Record | Arm]) -> tuple[list[Record | Arm], bool]:
+        state = self.state
+        if state is not None and (arm := state.arm()) is not None:
+            records.append(arm)
+        gone = state is None or state.journal is None
         return records, self.DISCARD if gone else self.RETAIN
 
     @override
-    def on_item(self, value: _Item) -> tuple[list[Record], bool]:
+    def on_item(self, value: _Item) -> tuple[list[Record | Arm], bool]:
         if self.state is None:
             self.state = ThreadState(value.key, self.ctx)
-        return self._done(self.state.on_command(value.rec, value.command))  # type: ignore[arg-type]  # branched
+        return self._done(list(self.state.on_command(value.rec, value.command)))  # type: ignore[arg-type]  # branched
 
     @override
-    def on_notify(self) -> tuple[list[Record], bool]:
-        if self.state is None:
-            return self._done([])
-        return self._done(self.state.on_timer(self.clock.now()))
+    def on_notify(self) -> tuple[list[Record | Arm], bool]:
+        return self._done([])  # restored out of step with its wheel slot: arm now
 
     @override
     def notify_at(self) -> datetime | None:
-        return self.clock.notify_at(self.state.wakeup()) if self.state is not None else None
+        state = self.state
+        stale = state is not None and state.armed != state.wakeup()
+        return datetime.now(timezone.utc) if stale else None
 
     @override
-    def snapshot(self) -> bytes:
+    def snapshot(self) -> _ThreadSnap:
         data = self.state.snapshot() if self.state is not None else None
-        if data is None:  # cannot happen: a state without a journal is discarded
+        if data is None or self.state is None:  # cannot happen: such a state is discarded
             msg = "kwf: snapshot of a thread with no journal; it should have been discarded"
             raise RuntimeError(msg)
-        return data
+        return data, self.state.armed
+
+
+_UNKNOWN = float("nan")
+"""``armed`` of a thread restored from a snapshot without it: never equal, so it arms again."""
 
 
 class _ScheduleLogic(op.StatefulLogic[_Item, Record, tuple[str, dict[str, float]]]):
@@ -201,6 +229,14 @@ def _parser(settings: Settings, registry: Registry) -> Any:
     return parse_one
 
 
+def _arm_of(out: Record | Arm) -> Arm | None:
+    return out if isinstance(out, Arm) else None
+
+
+def _record_of(out: Record | Arm) -> Record | None:
+    return out if isinstance(out, Record) else None
+
+
 PROBE_S = 0.01
 """How often the input clock asks Kafka for the input's high watermarks (kwf.engine.clock)."""
 
@@ -225,7 +261,8 @@ def kafka_sources(settings: Settings, clock: InputClock) -> dict[str, Source[Any
 
 
 def build_flow(settings: Settings, registry: Registry | None = None, *,
-               source: Source[Any] | None = None, sink: Sink[Any] | None = None) -> Dataflow:
+               source: Source[Any] | None = None, sink: Sink[Any] | None = None,
+               trim: bool = False) -> Dataflow:
     """Build the engine's dataflow.
 
     Args:
@@ -235,10 +272,14 @@ def build_flow(settings: Settings, registry: Registry | None = None, *,
         source: one input of ``Incoming`` records (or Kafka messages) instead of the two Kafka
             topics; for ``run_flow``.
         sink: where every output goes instead of ``KafkaRecordSink``.
+        trim: return freed memory to the OS after many evictions (a thread; the engine's
+            process only).
     """
     if registry is None:
         registry = Registry(None, settings.default_workflow)
     workers = _Workers(registry, settings)
+    if trim:
+        start_trimming(workers.evictions)
     flow = Dataflow("kwf")  # the flow id prefixes every recovery key, like the step ids
     if source is not None:
         bind = getattr(source, "bind_clock", None)
@@ -254,22 +295,28 @@ def build_flow(settings: Settings, registry: Registry | None = None, *,
     kind = op.branch("kind", bad.falses, lambda p: isinstance(p.command, Schedule))
 
     items = op.key_on("by-thread", kind.falses, lambda it: it.key)
-    threads = op.stateful(STEP_THREAD, items,
-                          lambda resume: _ThreadLogic(workers.get(), resume))
+    threads = op.stateful(STEP_THREAD, items, lambda resume: _ThreadLogic(workers.get(), resume))
+    records = op.filter_map_value("thread-records", threads, _record_of)  # keyed by thread id
+    arms = op.filter_map("arms", op.key_rm("thread-out", threads), _arm_of)
+    slots = op.key_on("by-slot", arms, lambda arm: slot_of(arm.thread))
+    wheel = op.stateful(STEP_WHEEL, slots,
+                        lambda resume: WheelLogic(settings.resume_topic, workers.clock, resume))
     schedules = op.key_on("by-scheduler-key", kind.trues, lambda it: it.key)
     fired = op.stateful(STEP_SCHEDULER, schedules,
                         lambda resume: _ScheduleLogic(settings.resume_topic, workers.clock, resume))
 
+    firings = op.key_rm("wheel-records", wheel)
     if sink is None:
         from kwf.engine.sink import KafkaRecordSink
 
         sink = KafkaRecordSink(logs.kafka_client_config(settings))
     if isinstance(sink, FixedPartitionedSink):  # keyed: a thread's records by its id, in order
         dead = op.key_on("dlq-records", bad.trues, lambda _: STEP_OUT)
-        op.output(STEP_OUT, op.merge("outputs", dead, threads, fired), sink)
+        fires = op.key_on("wheel-by-thread", firings, lambda rec: str(rec.key))
+        op.output(STEP_OUT, op.merge("outputs", dead, records, fires, fired), sink)
     else:
-        outputs = op.merge("outputs", bad.trues, op.key_rm("thread-records", threads),
-                           op.key_rm("scheduler-records", fired))
+        outputs = op.merge("outputs", bad.trues, op.key_rm("thread-records-out", records),
+                           firings, op.key_rm("scheduler-records", fired))
         op.output(STEP_OUT, outputs, sink)
     return flow
 
@@ -359,7 +406,7 @@ def from_env() -> Dataflow:
     log.info("engine_starting", brokers=settings.brokers, workflows=sorted(registry.workflows),
              default=registry.default, topics=topics, batch_size=settings.batch_size,
              max_live=settings.max_live)
-    return build_flow(settings, registry)
+    return build_flow(settings, registry, trim=True)
 
 
 # -- in-process runs -----------------------------------------------------------------------------
@@ -376,7 +423,8 @@ def run_flow(records: Sequence[RecordTuple | Any], *, settings: Settings | None 
     """Run the real dataflow in-process over ``(topic, key, value[, timestamp])`` records.
 
     Outputs are returned, not fed back (no Kafka in between): a record to ``workflow-resume``
-    or ``workflow-scheduler`` is just an output here. Timers use the wall clock, as in
+    or ``workflow-scheduler`` is just an output here, except the timer wheel's firings, which
+    loop back as Kafka would loop them (and are not returned, as ``Engine.outputs`` omits them). Timers use the wall clock, as in
     production, and Bytewax never fires a timer still pending when the input ends: give
     ``linger`` seconds to keep the input open after the last record.
 
@@ -397,16 +445,17 @@ def run_flow(records: Sequence[RecordTuple | Any], *, settings: Settings | None 
         batch_size: records per input batch.
     """
     from bytewax.recovery import RecoveryConfig, init_db_dir
-    from bytewax.testing import TestingSink, run_main
+    from bytewax.testing import run_main
 
-    from kwf._testing_source import ListSource
+    from kwf._testing_source import ListSource, LoopbackSink
 
     settings = settings or Settings()
     registry = Registry(workflows, default or settings.default_workflow)
     stamp = time.time() if start_time is None else start_time
     out: list[Record] = []
-    flow = build_flow(settings, registry, sink=TestingSink(out),
-                      source=ListSource(records, stamp, linger=linger, batch_size=batch_size))
+    source = ListSource(records, stamp, linger=linger, batch_size=batch_size)
+    flow = build_flow(settings, registry, sink=LoopbackSink(out, source, settings.resume_topic),
+                      source=source)
     recovery = None
     if recovery_dir is not None:
         path = Path(recovery_dir)

@@ -1,0 +1,81 @@
+"""The recovery store's upkeep (``kwf.engine.recovery``) on stores the real dataflow wrote."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import flow_workflows as fw
+
+from kwf.config import Settings
+from kwf.engine.flow import run_flow
+from kwf.engine.recovery import MAX_PARTITIONS, compact, partitions_for
+
+RESUME = "workflow-resume"
+THREAD_STEP = "kwf.thread.stateful_batch"
+
+
+def _rows(store: Path) -> list[tuple[str, str, bool]]:
+    with sqlite3.connect(store / "part-0.sqlite3") as db:
+        return [(step, key, blob is None) for step, key, blob in db.execute(
+            "SELECT step_id, state_key, ser_change FROM snaps ORDER BY step_id, state_key")]
+
+
+STOP = json.dumps({"ref": "note", "value": "stop"})
+
+
+def test_compact_drops_expired_tombstones_and_a_resume_continues_the_rest(tmp_path: Path) -> None:
+    settings = Settings(tombstone_retention_s=0.2)
+    now = time.time()
+    first = [(RESUME, "gone", "new:fnotify:{}", now), (RESUME, "gone", STOP, now),
+             (RESUME, "stays", "new:fnotify:{}", now)]
+    run_flow(first, workflows=fw.ALL, settings=settings, recovery_dir=tmp_path,
+             epoch_interval=timedelta(0), linger=1.5)
+    before = _rows(tmp_path)
+    assert (THREAD_STEP, "gone", True) in before  # Bytewax's NULL row: never deleted by it
+    assert (THREAD_STEP, "stays", False) in before
+
+    done = compact(tmp_path)
+    after = _rows(tmp_path)
+    assert done.dead_nulls == sum(null for _, _, null in before) > 0
+    assert not any(null for _, _, null in after)
+    assert (THREAD_STEP, "stays", False) in after and len(after) == len(before) - done.dead_nulls
+    assert compact(tmp_path).dead_nulls == 0  # nothing more to do
+
+    # the compacted store resumes: "stays" continues, "gone" is unknown as after its expiry
+    second = [*first, (RESUME, "stays", STOP, now), (RESUME, "gone", STOP, now)]
+    out = run_flow(second, workflows=fw.ALL, settings=settings, recovery_dir=tmp_path,
+                   epoch_interval=timedelta(0))
+    results = [(r.key, r.value) for r in out if r.topic == settings.result_topic]
+    assert results == [("stays", "0")]
+    dlq = [r for r in out if r.topic == settings.dlq_topic]
+    assert [r.key for r in dlq] == ["gone"]
+    assert "unknown-thread" in str(dlq[0].header("kwf-error"))
+
+
+def test_compact_drops_rows_superseded_at_the_commit_epoch(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "part-0.sqlite3")
+    db.executescript("""
+        CREATE TABLE snaps (step_id TEXT NOT NULL, state_key TEXT NOT NULL,
+          snap_epoch INTEGER NOT NULL, ser_change BLOB, PRIMARY KEY (step_id, state_key, snap_epoch));
+        CREATE TABLE commits (part_index INTEGER PRIMARY KEY, commit_epoch INTEGER NOT NULL);
+        INSERT INTO commits VALUES (0, 5);
+        INSERT INTO snaps VALUES ('s', 'a', 1, x'01'), ('s', 'a', 4, x'02'), ('s', 'a', 7, x'03'),
+                                 ('s', 'b', 6, x'04'), ('s', 'b', 8, x'05'), ('s', 'c', 2, NULL);
+    """)
+    db.commit()
+    done = compact(tmp_path)
+    left = db.execute("SELECT state_key, snap_epoch FROM snaps ORDER BY 1, 2").fetchall()
+    db.close()
+    # a@1 is superseded by a@4 within the commit epoch; a@4 stays (a restart may need it), and
+    # b's rows are both after the commit epoch; c's lone NULL goes
+    assert left == [("a", 4), ("a", 7), ("b", 6), ("b", 8)]
+    assert (done.superseded, done.dead_nulls) == (1, 1)
+
+
+def test_partitions_follow_the_expected_threads() -> None:
+    assert [partitions_for(n) for n in (0, 10_000, 10_001, 1_000_000)] == [1, 1, 2, 100]
+    assert partitions_for(10**9) == MAX_PARTITIONS
