@@ -32,7 +32,7 @@ from kwf.config import ENGINE_GC_THRESHOLDS, KafkaSettingsError, Settings
 from kwf.engine import logs, metrics
 from kwf.engine.clock import InputClock
 from kwf.engine.memory import start_trimming
-from kwf.engine.wheel import WheelLogic
+from kwf.engine.wheel import DueLogic, WheelLogic
 from kwf.protocol import (
     Command,
     Incoming,
@@ -176,40 +176,20 @@ _UNKNOWN = float("nan")
 """``armed`` of a thread restored from a snapshot without it: never equal, so it arms again."""
 
 
-class _ScheduleLogic(op.StatefulLogic[_Item, Record, tuple[str, dict[str, float]]]):
-    """Bytewax's handle on one ``ScheduleState``; the snapshot carries the key (builders lack it)."""
+class _ScheduleLogic(DueLogic[_Item, ScheduleState]):
+    """One ``workflow-scheduler`` key (``kwf.thread.ScheduleState``), fired like a wheel slot."""
 
     def __init__(self, resume_topic: str, clock: InputClock,
                  resume: tuple[str, dict[str, float]] | None) -> None:
-        self.resume_topic = resume_topic
-        self.clock = clock
-        self.state = ScheduleState(*resume) if resume is not None else None
-
-    def _done(self, records: list[Record]) -> tuple[list[Record], bool]:
-        empty = self.state is None or not self.state.entries
-        return records, self.DISCARD if empty else self.RETAIN
+        super().__init__(resume_topic, clock,
+                         ScheduleState(*resume) if resume is not None else None)
 
     @override
-    def on_item(self, value: _Item) -> tuple[list[Record], bool]:
-        if self.state is None:
-            self.state = ScheduleState(value.key)
-        self.state.on_schedule(value.command)  # type: ignore[arg-type]  # branched on it
-        return self._done([])
-
-    @override
-    def on_notify(self) -> tuple[list[Record], bool]:
-        if self.state is None:
-            return self._done([])
-        return self._done(self.state.on_timer(self.clock.now(), self.resume_topic))
-
-    @override
-    def notify_at(self) -> datetime | None:
-        return self.clock.notify_at(self.state.wakeup()) if self.state is not None else None
-
-    @override
-    def snapshot(self) -> tuple[str, dict[str, float]]:
-        assert self.state is not None
-        return self.state.key, dict(self.state.entries)
+    def _add(self, state: ScheduleState | None, value: _Item) -> ScheduleState:
+        if state is None:
+            state = ScheduleState(value.key)
+        state.on_schedule(value.command)  # type: ignore[arg-type]  # branched on it
+        return state
 
 
 def _parser(settings: Settings, registry: Registry) -> Any:

@@ -9,7 +9,7 @@ back for a due time, so that the clock's implementation can change without touch
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import bytewax.operators as op
 from typing_extensions import override
@@ -30,24 +30,46 @@ class TimerClock(Protocol):
         ...
 
 
-class WheelLogic(op.StatefulLogic[Arm, Record, tuple[str, dict[str, float]]]):
-    """Bytewax's handle on one timer wheel slot (``kwf.wheel.WheelState``)."""
+class _Due(Protocol):
+    """Due times that fire records to ``workflow-resume``, under one Bytewax key."""
 
-    def __init__(self, resume_topic: str, clock: TimerClock,
-                 resume: tuple[str, dict[str, float]] | None) -> None:
+    key: str
+    entries: dict[str, float]
+
+    def wakeup(self) -> float | None: ...
+
+    def on_timer(self, now: float, resume_topic: str) -> list[Record]: ...
+
+
+V = TypeVar("V")
+"""What the step receives: an ``Arm`` (wheel), or a parsed ``workflow-scheduler`` record."""
+S = TypeVar("S", bound=_Due)
+"""The key's state: a ``WheelState`` slot, or a ``ScheduleState``."""
+
+
+class DueLogic(op.StatefulLogic[V, Record, tuple[str, dict[str, float]]], Generic[V, S]):
+    """Bytewax's handle on one key of due times: a wheel slot, or a ``workflow-scheduler`` key.
+
+    Both fire records to ``workflow-resume`` once the input clock reaches their due time, and
+    both snapshot ``(key, entries)`` (builders are not given the key). Subclasses say how an
+    item changes the state (``_add``).
+    """
+
+    def __init__(self, resume_topic: str, clock: TimerClock, state: S | None) -> None:
         self.resume_topic = resume_topic
         self.clock = clock
-        self.state = WheelState(*resume) if resume is not None else None
+        self.state = state
+
+    def _add(self, state: S | None, value: V) -> S:
+        raise NotImplementedError
 
     def _done(self, records: list[Record]) -> tuple[list[Record], bool]:
         empty = self.state is None or not self.state.entries
         return records, self.DISCARD if empty else self.RETAIN
 
     @override
-    def on_item(self, value: Arm) -> tuple[list[Record], bool]:
-        if self.state is None:
-            self.state = WheelState(slot_of(value.thread))
-        self.state.on_arm(value)
+    def on_item(self, value: V) -> tuple[list[Record], bool]:
+        self.state = self._add(self.state, value)
         return self._done([])
 
     @override
@@ -64,3 +86,18 @@ class WheelLogic(op.StatefulLogic[Arm, Record, tuple[str, dict[str, float]]]):
     def snapshot(self) -> tuple[str, dict[str, float]]:
         assert self.state is not None
         return self.state.key, dict(self.state.entries)
+
+
+class WheelLogic(DueLogic[Arm, WheelState]):
+    """One timer wheel slot (``kwf.wheel.WheelState``)."""
+
+    def __init__(self, resume_topic: str, clock: TimerClock,
+                 resume: tuple[str, dict[str, float]] | None) -> None:
+        super().__init__(resume_topic, clock, WheelState(*resume) if resume is not None else None)
+
+    @override
+    def _add(self, state: WheelState | None, value: Arm) -> WheelState:
+        if state is None:
+            state = WheelState(slot_of(value.thread))
+        state.on_arm(value)
+        return state
