@@ -51,7 +51,7 @@ def assign_at_end(consumer: Consumer, topics: Iterable[str], timeout: float = 10
                    "topics with `kwf topics create`")
             raise LookupError(msg)
         for p in meta.partitions:
-            assignment.append(TopicPartition(topic, p, _end(consumer, topic, p, timeout)))
+            assignment.append(TopicPartition(topic, p, high_watermark(consumer, topic, p, timeout)))
     consumer.assign(assignment)
     return len(assignment)
 
@@ -60,7 +60,7 @@ _NOT_READY = (KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILAB
               KafkaError.UNKNOWN_TOPIC_OR_PART)
 
 
-def _end(consumer: Consumer, topic: str, partition: int, timeout: float) -> int:
+def high_watermark(consumer: Consumer, topic: str, partition: int, timeout: float) -> int:
     """The partition's high watermark, waiting out a just-created topic's leader election."""
     deadline = time.monotonic() + timeout
     while True:

@@ -23,6 +23,7 @@ from confluent_kafka.admin import AdminClient
 
 from kwf.config import Settings
 from kwf.engine.admin import START_HINT, KafkaSetupError
+from kwf.service import high_watermark
 
 # Exit codes (README "Exit codes"); argparse itself exits 2 on a bad command line.
 OK, FAILED, USAGE, NOT_RUNNING, NOT_FOUND, DEAD_LETTERED, THREAD_FAILED, WAITING, DIVERGED = (
@@ -144,8 +145,7 @@ def ends(settings: Settings, topic: str, timeout: float) -> dict[int, int]:
     consumer = open_consumer(settings)
     try:
         parts = consumer.list_topics(topic, timeout=timeout).topics[topic].partitions
-        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1]
-                for p in parts}
+        return {p: high_watermark(consumer, topic, p, timeout) for p in parts}
     except KafkaException as e:
         raise KafkaSetupError(f"cannot read {topic} on {settings.brokers}: {e}") from e
     finally:

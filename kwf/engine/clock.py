@@ -70,6 +70,9 @@ class InputClock:
         """Partitions read here from their beginning that have handed out nothing yet."""
         self._wake_by = float("inf")
         self._held = False
+        self.peers = False
+        """Other processes form the cluster with this one: they need its commits, even when it
+        reads every input partition itself (then they read none, and wait on its positions)."""
         self.on_held: Callable[[], None] | None = None
         """Called when a due timer is held back: ``KafkaProbe`` asks Kafka at once."""
 
@@ -128,6 +131,12 @@ class InputClock:
             if part in self._unplaced and part not in self._local:
                 self._local[part] = low
             self._unplaced.discard(part)
+
+    def local_position(self, part: str) -> int | None:
+        """Where this process's reader of ``part`` is: the next offset it hands out (its low
+        watermark while it has handed out nothing), or None while that is not known yet."""
+        with self._lock:
+            return self._local.get(part)
 
     def unplaced(self) -> list[str]:
         with self._lock:

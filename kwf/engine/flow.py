@@ -231,6 +231,10 @@ def kafka_sources(settings: Settings, clock: InputClock) -> dict[str, Source[Any
     from kwf.engine.clock import KafkaProbe
     from kwf.engine.source import GROUP, KafkaInput, request_drain
 
+    from kwf.engine._startup import launch_from_argv
+
+    launch = launch_from_argv()
+    clock.peers = launch is not None and launch.processes > 1
     config = logs.kafka_client_config(settings)
     probe = KafkaProbe(clock, config, GROUP, PROBE_S, on_drain=request_drain)
     return {

@@ -136,8 +136,14 @@ class _Shared:
     def commit(self, drain: bool = False) -> None:
         """Commit positions that moved (at most every ``COMMIT_S``), or all every
         ``COMMIT_IDLE_S``, or at once with the drain mark."""
-        if not self.clock.clustered():
+        if not self.clock.peers:
             return  # nobody else needs them, and a pending commit delays exit in an outage
+        for (topic, index), offset in self.positions.items():
+            if offset < 0:  # read from its beginning, nothing handed out yet (an empty partition,
+                # often the scheduler's): its peers wait on it all the same, so say where it is
+                known = self.clock.local_position(f"{topic}/{index}")
+                if known is not None:
+                    self.positions[(topic, index)] = known
         now = time.monotonic()
         if not drain and (now < self._next_commit or (self.positions == self._committed
                                                      and now < self._next_idle_commit)):
