@@ -10,7 +10,7 @@ from typing import Any
 
 import evolve_workflows as ew
 import pytest
-from test_flow_kafka import Engine, World
+from test_flow_kafka import Engine, World, engines  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.kafka
 
@@ -23,14 +23,6 @@ def world(kafka_brokers: str, unique: Callable[[str], str], tmp_path: Path) -> I
     w.create_topics()
     yield w
     w.close()
-
-
-@pytest.fixture
-def engines() -> Iterator[list[Engine]]:
-    started: list[Engine] = []
-    yield started
-    for engine in started:
-        engine.kill()
 
 
 def test_continue_as_new_across_kill_9_loses_nothing_and_applies_nothing_twice(

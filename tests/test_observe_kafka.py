@@ -13,12 +13,12 @@ import sys
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_flow_kafka import REPO, Engine, World
+from test_flow_kafka import REPO, Engine, World, engines  # noqa: F401 - a fixture
 
 from kwf.kafka import LocalBroker
 
@@ -26,14 +26,6 @@ pytestmark = pytest.mark.kafka
 
 OWN_BROKER_PORT = 19342
 """The outage test's own broker (and 19343 its controller): never the shared one."""
-
-
-@pytest.fixture
-def engines() -> Iterator[list[Engine]]:
-    started: list[Engine] = []
-    yield started
-    for engine in started:
-        engine.kill()
 
 
 def lines(engine: Engine) -> list[dict[str, Any]]:
