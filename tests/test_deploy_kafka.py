@@ -9,6 +9,7 @@ the test broker and per-test topics (``World`` of test_flow_kafka).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -25,7 +26,7 @@ import pytest
 from test_deploy import K8S, kind, needs_kubectl, render
 from test_flow_kafka import World
 
-from kwf.engine.admin import KafkaSetupError, check_brokers
+from kwf.engine.admin import KafkaSetupError, check_brokers, create_topics, workflow_output_topics
 
 pytestmark = pytest.mark.kafka
 
@@ -226,6 +227,10 @@ def test_processes_serving_different_workflows_refuse_to_form_a_cluster(
         world: World, tmp_path: Path) -> None:
     addresses = "127.0.0.1:22010;127.0.0.1:22012"
     common = {"BYTEWAX_ADDRESSES": addresses, "BYTEWAX_WORKERS_PER_PROCESS": "1"}
+    # Process 1 serves the examples too: without their topics it would refuse to start before
+    # the cluster check (and process 0 wait for it), whatever tests ran before this one.
+    examples = dataclasses.replace(world.settings, workflows=("workflows",))
+    create_topics(world.settings.kafka_config(), sorted(workflow_output_topics(examples)), 1, 1)
     procs = [
         _engine(world, tmp_path, "p0", {**common, "BYTEWAX_PROCESS_ID": "0"}, []),
         _engine(world, tmp_path, "p1", {**common, "BYTEWAX_PROCESS_ID": "1",

@@ -85,12 +85,11 @@ class _Shared:
             "socket.timeout.ms": "10000",
         })  # client-level errors go to the config's error_cb (kwf.engine.logs)
         self.buffers: dict[tuple[str, int], deque[Message]] = {}
-        self.positions: dict[tuple[str, int], int] = {}
         self.waiter: tuple[str, int] | None = None
         self.handed = 0
         self._next_commit = 0.0
         self._next_idle_commit = 0.0
-        self._committed: dict[tuple[str, int], int] = {}
+        self._committed: dict[tuple[str, int], int | None] = {}
         self._logged: dict[str, float] = {}
 
     def _log(self, event: str, err: KafkaError) -> None:
@@ -102,7 +101,6 @@ class _Shared:
 
     def assign(self, tp: tuple[str, int], offset: int) -> None:
         self.buffers[tp] = deque()
-        self.positions[tp] = offset
         self.consumer.incremental_assign([TopicPartition(tp[0], tp[1], offset)])
         if self.waiter is None:
             self.waiter = tp
@@ -138,21 +136,21 @@ class _Shared:
         ``COMMIT_IDLE_S``, or at once with the drain mark."""
         if not self.clock.peers:
             return  # nobody else needs them, and a pending commit delays exit in an outage
-        for (topic, index), offset in self.positions.items():
-            if offset < 0:  # read from its beginning, nothing handed out yet (an empty partition,
-                # often the scheduler's): its peers wait on it all the same, so say where it is
-                known = self.clock.local_position(f"{topic}/{index}")
-                if known is not None:
-                    self.positions[(topic, index)] = known
         now = time.monotonic()
-        if not drain and (now < self._next_commit or (self.positions == self._committed
-                                                     and now < self._next_idle_commit)):
+        if not drain and now < self._next_commit:
             return
-        self._next_commit = now + COMMIT_S
+        self._next_commit = now + COMMIT_S  # looked at most this often, moved or not
+        # Where this worker's readers are, as the clock knows it: the next offset handed out,
+        # or a partition's beginning while it has handed out nothing (an empty partition, often
+        # the scheduler's, holds the other processes' timers back all the same).
+        positions = {tp: self.clock.local_position(f"{tp[0]}/{tp[1]}") for tp in self.buffers}
+        if not drain and positions == self._committed and now < self._next_idle_commit:
+            return
         self._next_idle_commit = now + COMMIT_IDLE_S
-        self._committed = dict(self.positions)
+        self._committed = positions
         meta = commit_metadata(drain)
-        offsets = [TopicPartition(t, p, o, meta) for (t, p), o in self.positions.items() if o >= 0]
+        offsets = [TopicPartition(t, p, o, meta) for (t, p), o in positions.items()
+                   if o is not None and o >= 0]
         if offsets:
             try:
                 self.consumer.commit(offsets=offsets, asynchronous=True)
@@ -191,7 +189,6 @@ class _Partition(StatefulSourcePartition[Incoming, int]):
         buf, n = self._buf, min(self._batch, len(self._buf))
         out = [_incoming(buf.popleft()) for _ in range(n)]
         self._next = out[-1].offset + 1
-        shared.positions[self._tp] = self._next
         shared.handed += n
         shared.clock.position(self._name, self._next)
         return out
