@@ -46,30 +46,32 @@ COMPENSATION_TOPICS = (*(f"saga-cancel-{k}" for k in ("car", "hotel", "flight"))
 
 
 # -- what the demo sends ---------------------------------------------------------------------
-def start_records(kind: str, thread: str, i: int) -> list[str]:
+def start_records(kind: str, thread: str, i: int, pace: float = 1.0) -> list[str]:
     """The ``workflow-resume`` values that start thread ``i`` of ``kind`` (then drive it).
 
     Time scales are shrunk to seconds so a demo ends quickly: carts are abandoned after 2 s
     without a signal; approvals remind after 1 s, escalate after 2 s and expire after 4 s;
     orders wait 1 s per attempt. Trips get 5 s instead of the seed's 1 s: a burst of
     thousands of starts queues their replies for longer than a second, and the demo should
-    time out on silent services, not on its own burst.
+    time out on silent services, not on its own burst. ``pace`` multiplies every one of these
+    times: a test on a busy machine slows the workflows' clocks, not its services.
     """
     if kind == "trip":
-        return ["new:trip:" + json.dumps({"throwAfterHotel": i % 20 == 7, "timeoutMs": 5000})]
+        return ["new:trip:" + json.dumps({"throwAfterHotel": i % 20 == 7,
+                                          "timeoutMs": 5000 * pace})]
     if kind == "order":
         return ["new:order:" + json.dumps({
             "orderId": thread, "amount": 10 + i % 90, "items": [{"sku": f"p{i % 7}", "qty": 1}],
-            "address": f"{i} Main St", "timeoutS": 1, "retries": 3, "backoffS": 0.2,
-            "maxBackoffS": 2})]
+            "address": f"{i} Main St", "timeoutS": 1 * pace, "retries": 3,
+            "backoffS": 0.2 * pace, "maxBackoffS": 2 * pace})]
     if kind == "approval":
         return ["new:approval:" + json.dumps({
             "subject": f"request {i}", "approver": "alice", "escalateTo": "bob",
-            "remindAfterS": 1, "escalateAfterS": 2, "expireAfterS": 4})]
+            "remindAfterS": 1 * pace, "escalateAfterS": 2 * pace, "expireAfterS": 4 * pace})]
     if kind == "cart":
         def signal(value: dict[str, Any]) -> str:
             return json.dumps({"ref": "main", "value": value})
-        records = ["new:cart:" + json.dumps({"abandonedCartTimeoutMS": 2000})]
+        records = ["new:cart:" + json.dumps({"abandonedCartTimeoutMS": 2000 * pace})]
         records += [signal({"type": "addToCart", "item": {"productId": f"p{n}", "quantity": 1}})
                     for n in range(1 + i % 3)]
         if i % 10 != 0:  # one in ten never gives an email: abandoned without a reminder
@@ -206,7 +208,7 @@ def run_demo(settings: Settings, n_per_kind: int = 250, *, kinds: Sequence[str] 
              services: Services | None = None, run_services: bool = True,
              timeout: float = 300.0, stall: float = 30.0,
              on_progress: Callable[[DemoReport], None] | None = None,
-             progress_every: float = 0.5) -> DemoReport:
+             progress_every: float = 0.5, pace: float = 1.0) -> DemoReport:
     """Start ``n_per_kind`` threads of each workflow in ``kinds`` and follow them to the end.
 
     Args:
@@ -218,6 +220,7 @@ def run_demo(settings: Settings, n_per_kind: int = 250, *, kinds: Sequence[str] 
         timeout: give up after this many seconds; unfinished threads count as running.
         stall: give up when nothing arrived for this long (is the engine running?).
         on_progress: called with the report every ``progress_every`` seconds and at the end.
+        pace: multiplies the workflows' timeouts and delays (``start_records``).
 
     Returns:
         The final report (``stalled`` is True if it gave up waiting).
@@ -238,7 +241,7 @@ def run_demo(settings: Settings, n_per_kind: int = 250, *, kinds: Sequence[str] 
                                settings.resume_topic, delay=services.delay,
                                accept=lambda t: t.startswith(prefix)).start()
     try:
-        _send_starts(settings, prefix, n_per_kind, kinds, threads)
+        _send_starts(settings, prefix, n_per_kind, kinds, threads, pace)
         report.started = report.last_progress = min(t.sent for t in threads.values())
         log.info("demo_started", run=run, threads=len(threads), kinds=list(kinds))
         _follow(report, tracker, runner, timeout, stall, on_progress, progress_every)
@@ -252,13 +255,13 @@ def run_demo(settings: Settings, n_per_kind: int = 250, *, kinds: Sequence[str] 
 
 
 def _send_starts(settings: Settings, prefix: str, n: int, kinds: Sequence[str],
-                 threads: dict[str, Thread]) -> None:
+                 threads: dict[str, Thread], pace: float) -> None:
     producer = Producer({**settings.kafka_config(), "linger.ms": 10})
     for i in range(n):
         for kind in kinds:
             thread = f"{prefix}{kind}-{i:05d}"
             threads[thread] = Thread(kind, time.time())
-            for value in start_records(kind, thread, i):
+            for value in start_records(kind, thread, i, pace):
                 _produce(producer, settings.resume_topic, thread, value)
     producer.flush(30)
 
