@@ -259,7 +259,10 @@ def main() -> None:
     ap.add_argument("--pings", type=int, default=300, help="Kafka floor: hops measured")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--profile", help="py-spy the engine during the loaded runs: collapsed "
-                                      "stacks to this file, top functions printed")
+                                      "stacks to this file, top functions printed (on-CPU "
+                                      "samples; with --profile-idle waits too)")
+    ap.add_argument("--profile-idle", action="store_true",
+                    help="--profile also samples the engine while it waits")
     ap.add_argument("--replier", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     prefix = os.environ.get("KWF_E2E_PREFIX", f"e2e-{uuid.uuid4().hex[:8]}")
@@ -307,8 +310,9 @@ def main() -> None:
                   f"ms   ({floor['uptime']})", flush=True)
             spy = None
             if args.profile:
-                spy = subprocess.Popen(["py-spy", "record", "--pid", str(engine.pid), "-r", "250", "--idle",
-                                        "--format", "raw", "-o", args.profile],
+                spy_cmd = ["py-spy", "record", "--pid", str(engine.pid), "-r", "250", "--format",
+                           "raw", "-o", args.profile, *(["--idle"] if args.profile_idle else [])]
+                spy = subprocess.Popen(spy_cmd,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for shape in args.shapes.split(","):
                 for n in (int(x) for x in args.ns.split(",")):

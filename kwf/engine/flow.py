@@ -196,7 +196,8 @@ class _ScheduleLogic(DueLogic[_Item, ScheduleState]):
 def _parser(settings: Settings, registry: Registry) -> Any:
     limit = message_max_bytes(settings.kafka_config())  # what the dead-letter write may carry
 
-    def parse_one(rec: Incoming) -> _Parsed:
+    def parse_one(msg: Any) -> _Parsed:
+        rec = to_incoming(msg)
         try:
             key, what = parse(rec, settings, registry)
         except ProtocolError as e:
@@ -275,7 +276,7 @@ def build_flow(settings: Settings, registry: Registry | None = None, *,
         ins = [op.input(step, flow, src)
                for step, src in kafka_sources(settings, workers.clock).items()]
         raw = op.merge("inputs", *ins)
-    parsed = op.map("parse", op.map("incoming", raw, to_incoming), _parser(settings, registry))
+    parsed = op.map("parse", raw, _parser(settings, registry))  # one step: each costs a hop
     bad = op.branch("valid", parsed, lambda p: isinstance(p, Record))
     kind = op.branch("kind", bad.falses, lambda p: isinstance(p.command, Schedule))
 
