@@ -47,8 +47,9 @@ log = structlog.get_logger("kwf.engine.source")
 
 IDLE_WAIT_S = 0.02
 """The longest an idle worker blocks in Kafka: bounds timer lateness and idle CPU (50 wakeups/s)."""
-COMMIT_S = 0.05
-"""How often moved positions are committed to the consumer group (other processes' clocks)."""
+COMMIT_S = 0.02
+"""How often moved positions are committed to the consumer group: the other processes' input
+clocks hold timers until a commit shows this process read past their due time."""
 COMMIT_IDLE_S = 5.0
 GROUP = "kwf-engine"
 _LOG_EVERY_S = 10.0
