@@ -23,6 +23,7 @@ from typing import Any, NamedTuple, cast
 import bytewax.operators as op
 import structlog
 from bytewax.dataflow import Dataflow, Stream
+from bytewax.operators import KeyedStream
 from bytewax.inputs import Source
 from bytewax.outputs import FixedPartitionedSink, Sink
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE
@@ -211,12 +212,9 @@ def _parser(settings: Settings, registry: Registry) -> Any:
     return parse_one
 
 
-def _arm_of(out: Record | Arm) -> Arm | None:
-    return out if isinstance(out, Arm) else None
-
-
-def _record_of(out: Record | Arm) -> Record | None:
-    return out if isinstance(out, Record) else None
+def _is_record(out: tuple[str, Record | Arm]) -> bool:
+    """A thread's output is a record to write, or an ``Arm`` for its wheel slot."""
+    return isinstance(out[1], Record)
 
 
 PROBE_S = 0.01
@@ -282,8 +280,9 @@ def build_flow(settings: Settings, registry: Registry | None = None, *,
 
     items = op.key_on("by-thread", kind.falses, lambda it: it.key)
     threads = op.stateful(STEP_THREAD, items, lambda resume: _ThreadLogic(workers.get(), resume))
-    records = op.filter_map_value("thread-records", threads, _record_of)  # keyed by thread id
-    arms = op.filter_map("arms", op.key_rm("thread-out", threads), _arm_of)
+    split = op.branch("thread-out", threads, _is_record)  # one call per output, not three
+    records = cast("KeyedStream[Record]", split.trues)  # keyed by thread id
+    arms = cast("Stream[Arm]", op.key_rm("arms", split.falses))
     slots = op.key_on("by-slot", arms, lambda arm: slot_of(arm.thread))
     wheel = op.stateful(STEP_WHEEL, slots,
                         lambda resume: WheelLogic(settings.resume_topic, workers.clock, resume))
