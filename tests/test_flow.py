@@ -388,6 +388,21 @@ def test_input_clock_holds_timers_until_every_partition_reached_its_watermark(
     assert due is not None and due.timestamp() == 4050.0  # reached: fire when due
 
 
+def test_a_timer_ends_the_idle_wait_of_its_own_worker_only() -> None:
+    """Workers share the process's clock; a due timer shortens the Kafka wait of the worker
+    whose logic asked (``notify_at``), and another worker's wait neither ends nor consumes it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kwf.engine.clock import InputClock
+
+    clock = InputClock()
+    with ThreadPoolExecutor(1) as owner, ThreadPoolExecutor(1) as other:
+        owner.submit(clock.wake_by, time.time() - 1).result()  # due already
+        assert other.submit(clock.wait_s, 0.02).result() == 0.02
+        assert owner.submit(clock.wait_s, 0.02).result() == 0.0
+        assert owner.submit(clock.wait_s, 0.02).result() == 0.02  # once: it was served
+
+
 def test_input_clock_keeps_a_remote_watermark_until_a_later_commit_passes_it(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Under steady traffic another process's last commit is behind the watermark of the same

@@ -69,7 +69,8 @@ class InputClock:
         self._pending: dict[str, deque[tuple[float, int]]] = {}
         self._unplaced: set[str] = set()
         """Partitions read here from their beginning that have handed out nothing yet."""
-        self._wake_by = float("inf")
+        self._wake_by: dict[int, float] = {}
+        """Per worker thread: when its source's idle wait must end (its own timers)."""
         self._held = False
         self.peers = False
         """Other processes form the cluster with this one: they need its commits, even when it
@@ -198,15 +199,20 @@ class InputClock:
         return held
 
     def wake_by(self, t: float) -> None:
-        """A timer wants a callback by ``t``: an idle source's wait ends by then."""
-        if t < self._wake_by:
-            self._wake_by = t
+        """A timer of the calling worker wants a callback by ``t``: that worker's idle source
+        returns by then. Per worker: a worker whose wait ended for another's timer would leave
+        the timer's own worker blocked for a whole ``IDLE_WAIT_S``."""
+        ident = threading.get_ident()
+        if t < self._wake_by.get(ident, float("inf")):
+            self._wake_by[ident] = t
 
     def wait_s(self, cap: float) -> float:
-        """How long an idle source may block: at most ``cap``, less if a timer is due sooner."""
-        left = self._wake_by - time.time()
+        """How long the calling worker's idle source may block: at most ``cap``, less if one
+        of its timers is due sooner."""
+        ident = threading.get_ident()
+        left = self._wake_by.get(ident, float("inf")) - time.time()
         if left <= 0:
-            self._wake_by = float("inf")
+            self._wake_by.pop(ident, None)
             return 0.0
         return min(cap, left)
 
