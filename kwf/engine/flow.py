@@ -23,8 +23,8 @@ from typing import Any, NamedTuple, cast
 import bytewax.operators as op
 import structlog
 from bytewax.dataflow import Dataflow, Stream
-from bytewax.operators import KeyedStream
 from bytewax.inputs import Source
+from bytewax.operators import KeyedStream
 from bytewax.outputs import FixedPartitionedSink, Sink
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE
 from typing_extensions import override
