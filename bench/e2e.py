@@ -9,7 +9,14 @@ Shapes (the same as ``/work/shared/peers/restate``'s, for a side-by-side table):
 
 For each shape and N it prints wf/s, steps/s, start -> result p50/p99, reply -> next output
 p50/p99 (saga), and the CPU the engine and the broker used (and engine CPU per applied record:
-records read from ``workflow-resume``), with ``uptime``; ``--json`` writes all of it.
+records read from ``workflow-resume``), with ``uptime``; ``--json`` writes all of it. First it
+measures the *Kafka floor* in the same sitting: one record produced and read by another plain
+client, one at a time (p50/p99 of that hop), so that the table says what the engine adds over
+Kafka itself: seq10 start -> result is 22 such hops (start, two per step through the replier,
+result), a saga's reply -> next output two (driver -> engine -> driver).
+
+The replier and the driver are the user's clients: they produce with ``linger.ms=0`` (send at
+once; librdkafka's 5 ms default would add 5 ms to every hop, and even 1 ms costs about 1.5 ms).
 
 Run: ``.venv/bin/python bench/e2e.py [--brokers 127.0.0.1:19392] [--broker-home DIR]
 [--ns 1,500,2000] [--shapes seq10,saga] [--json result.json]``. With ``--broker-home`` a
@@ -39,6 +46,11 @@ REQ = os.environ.get("KWF_E2E_REQ", "e2e-req")
 OUT = os.environ.get("KWF_E2E_OUT", "e2e-out")
 kwf.config.output_topics |= {REQ, OUT}
 STEPS = {"seq10": 10, "saga": 3}
+HOPS = {"seq10": 22, "saga": 2}
+"""Kafka hops in what is timed: seq10 start -> result (start, 10 round trips to the replier,
+result), a saga's reply -> next output."""
+CLIENT_PRODUCER = {"linger.ms": "0", "partitioner": "murmur2_random"}
+"""The replier's and the driver's producers (and the floor's): send each record at once."""
 
 
 @kwf.workflow("e2e-seq10")
@@ -72,7 +84,7 @@ def replier(brokers: str, req: str, resume: str) -> None:
     consumer = Consumer({**conf, "group.id": f"e2e-replier-{uuid.uuid4().hex[:6]}",
                          "enable.auto.commit": "false"})
     assign_at_end(consumer, [req])
-    producer = Producer({**conf, "linger.ms": "1", "partitioner": "murmur2_random"})
+    producer = Producer({**conf, **CLIENT_PRODUCER})
     print("ready", flush=True)
     while True:
         first = consumer.poll(0.05)  # returns at the first record (consume waits for all 1000)
@@ -123,14 +135,45 @@ class Bench:
                        for n in ("resume", "scheduler", "result", "error", "events", "dlq")}}
         self.settings = Settings.from_env(self.env)
         conf = {"bootstrap.servers": brokers}
-        create_topics(conf, [*self.settings.engine_topics, f"{prefix}-req", f"{prefix}-out"],
-                      partitions, 1, compacted={self.settings.events_topic})
-        self.producer = Producer({**conf, "linger.ms": "1", "partitioner": "murmur2_random"})
+        self.ping_topic = f"{prefix}-ping"
+        create_topics(conf, [*self.settings.engine_topics, f"{prefix}-req", f"{prefix}-out",
+                             self.ping_topic], partitions, 1,
+                      compacted={self.settings.events_topic})
+        self.producer = Producer({**conf, **CLIENT_PRODUCER})
         self.consumer = Consumer({**conf, "group.id": f"{prefix}-driver",
                                   "enable.auto.commit": "false"})
         self.consumer.assign([TopicPartition(t, p, OFFSET_END)
                               for t in (self.settings.result_topic, f"{prefix}-out")
                               for p in range(partitions)])
+
+    def floor(self, pings: int) -> dict[str, Any]:
+        """One Kafka hop with plain clients: produce one record, read it with another client,
+        ``pings`` times one after the other (keys spread over the partitions)."""
+        from confluent_kafka import Consumer
+
+        from kwf.service import assign_at_end
+
+        consumer = Consumer({"bootstrap.servers": self.brokers, "group.id": f"{self.prefix}-ping",
+                             "enable.auto.commit": "false"})
+        assign_at_end(consumer, [self.ping_topic])
+        hops: list[float] = []
+        try:
+            for i in range(pings + 10):  # the first 10 warm up the connections
+                sent = time.perf_counter()
+                self.producer.produce(self.ping_topic, key=str(i), value=b"ping")
+                self.producer.poll(0)
+                while (msg := consumer.poll(5.0)) is not None and msg.error() is not None:
+                    pass
+                if msg is None:
+                    msg = f"the floor's ping {i} did not come back within 5 s"
+                    raise RuntimeError(msg)
+                if i >= 10:
+                    hops.append(time.perf_counter() - sent)
+                time.sleep(0.002)
+        finally:
+            consumer.close()
+        return {"pings": len(hops), "hop_p50_ms": round(_q(hops, 0.5), 2),
+                "hop_p99_ms": round(_q(hops, 0.99), 2), "uptime": _uptime()}
 
     def send(self, key: str, value: str) -> None:
         while True:
@@ -213,9 +256,13 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--snapshot-interval", default="1")
     ap.add_argument("--idle-s", type=float, default=5.0, help="idle CPU measured this long")
+    ap.add_argument("--pings", type=int, default=300, help="Kafka floor: hops measured")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--profile", help="py-spy the engine during the loaded runs: collapsed "
-                                      "stacks to this file, top functions printed")
+                                      "stacks to this file, top functions printed (on-CPU "
+                                      "samples; with --profile-idle waits too)")
+    ap.add_argument("--profile-idle", action="store_true",
+                    help="--profile also samples the engine while it waits")
     ap.add_argument("--replier", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     prefix = os.environ.get("KWF_E2E_PREFIX", f"e2e-{uuid.uuid4().hex[:8]}")
@@ -258,10 +305,14 @@ def main() -> None:
             idle = (_cpu_s(engine.pid) - c0) / (time.time() - t0)
             results["idle_engine_cores"] = round(idle, 3)
             print(f"idle engine: {idle * 100:.1f}% of a core   ({_uptime()})", flush=True)
+            results["kafka_floor"] = floor = bench.floor(args.pings)
+            print(f"Kafka floor: one hop p50 {floor['hop_p50_ms']} ms, p99 {floor['hop_p99_ms']} "
+                  f"ms   ({floor['uptime']})", flush=True)
             spy = None
             if args.profile:
-                spy = subprocess.Popen(["py-spy", "record", "--pid", str(engine.pid), "-r", "250", "--idle",
-                                        "--format", "raw", "-o", args.profile],
+                spy_cmd = ["py-spy", "record", "--pid", str(engine.pid), "-r", "250", "--format",
+                           "raw", "-o", args.profile, *(["--idle"] if args.profile_idle else [])]
+                spy = subprocess.Popen(spy_cmd,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for shape in args.shapes.split(","):
                 for n in (int(x) for x in args.ns.split(",")):
@@ -306,6 +357,13 @@ def _table(results: dict[str, Any]) -> None:
     print(f"\n{results['date']}  {results['machine']}  workers={results['workers']} "
           f"batch={results['batch_size']} partitions={results['partitions']}")
     print(f"idle engine {results.get('idle_engine_cores', 0) * 100:.1f}% of a core")
+    floor = results.get("kafka_floor")
+    if floor:
+        hop = floor["hop_p50_ms"]
+        print(f"Kafka floor (plain clients, same sitting): one hop p50 {hop} / p99 "
+              f"{floor['hop_p99_ms']} ms; seq10 start -> result is {HOPS['seq10']} hops "
+              f"(p50 floor {hop * HOPS['seq10']:.0f} ms), saga reply -> next {HOPS['saga']} hops "
+              f"({hop * HOPS['saga']:.1f} ms)")
     print(f"{'shape':6} {'N':>5} {'wf/s':>8} {'steps/s':>9} {'start->result p50/p99 ms':>26} "
           f"{'reply->next p50/p99 ms':>24} {'engine cores':>12} {'us/rec':>7} {'broker cores':>12}")
     for r in results["runs"]:

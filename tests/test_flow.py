@@ -386,3 +386,36 @@ def test_input_clock_holds_timers_until_every_partition_reached_its_watermark(
     assert held is not None and held.timestamp() == pytest.approx(5000.0 + clock.RECHECK_S)
     due = clock.notify_at(4050.0)
     assert due is not None and due.timestamp() == 4050.0  # reached: fire when due
+
+
+def test_a_timer_ends_the_idle_wait_of_its_own_worker_only() -> None:
+    """Workers share the process's clock; a due timer shortens the Kafka wait of the worker
+    whose logic asked (``notify_at``), and another worker's wait neither ends nor consumes it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kwf.engine.clock import InputClock
+
+    clock = InputClock()
+    with ThreadPoolExecutor(1) as owner, ThreadPoolExecutor(1) as other:
+        owner.submit(clock.wake_by, time.time() - 1).result()  # due already
+        assert other.submit(clock.wait_s, 0.02).result() == 0.02
+        assert owner.submit(clock.wait_s, 0.02).result() == 0.0
+        assert owner.submit(clock.wait_s, 0.02).result() == 0.02  # once: it was served
+
+
+def test_input_clock_keeps_a_remote_watermark_until_a_later_commit_passes_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under steady traffic another process's last commit is behind the watermark of the same
+    probe; a later commit past it reaches that probe's time, as a local reader's position does."""
+    from kwf.engine.clock import InputClock
+
+    monkeypatch.setattr(time, "time", lambda: 5000.0)
+    clock = InputClock()
+    clock.expect(["s/0"])
+    clock.remote("s/0", 4100.0, 20, 15)  # 5 records behind what it held at 4100
+    clock.remote("s/0", 4200.0, 30, 18)  # still behind: both kept
+    assert clock.now() == float("-inf")
+    clock.remote("s/0", 4300.0, 40, 25)  # past 20 (4100), not 30 (4200)
+    assert clock.now() == 4100.0
+    clock.remote("s/0", 4400.0, 50, 50)  # past everything it held by 4400
+    assert clock.now() == 4400.0

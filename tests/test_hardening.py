@@ -271,16 +271,18 @@ async def rv_header(arg):
 def test_output_refuses_records_kafka_cannot_take(case):
     """``Instance.output`` checks the value's size (its comment: "refused by Kafka, the engine
     would stop, restart, and be refused again") but not the key's size nor the headers: a
-    2 MB key passes, and a header value with a lone surrogate passes although the Kafka sink
-    cannot encode it (``kwf.engine.sink._kafka_headers`` raises UnicodeEncodeError). Either
-    crashes/crash-loops the engine."""
-    from kwf.engine.sink import _encode, _kafka_headers
+    2 MB key passes, and a header value with a lone surrogate passes although the Kafka client
+    cannot encode it (UnicodeEncodeError; a surrogate in a header name crashes the client).
+    Either crashes/crash-loops the engine."""
+    from kwf.engine.sink import _encode
 
     eng = Engine(workflows=[rv_header])
     eng.send("t1", f'new:"{case}"')
     eng.send("t1", '{"ref": "go"}')
     for rec in eng.outputs("rv-out"):
-        _kafka_headers(rec)  # UnicodeEncodeError: what the sink would hit
+        for name, data in rec.headers:  # the client's UTF-8: UnicodeEncodeError on a surrogate
+            name.encode()
+            _encode(data)
         size = len(_encode(rec.key) or b"") + len(_encode(rec.value) or b"")
         assert size <= eng.settings.max_payload_bytes, f"a {size}-byte record was accepted"
 

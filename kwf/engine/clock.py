@@ -56,8 +56,9 @@ class InputClock:
     expected (an input that does not report) it is the wall clock.
     """
 
-    RECHECK_S = 0.005
-    """How often a held-back timer looks again (instead of a busy loop)."""
+    RECHECK_S = 0.002
+    """How often a held-back timer looks again (instead of a busy loop): each look is one
+    activation of its key, and a probe's answer is seen at the next look."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -68,7 +69,8 @@ class InputClock:
         self._pending: dict[str, deque[tuple[float, int]]] = {}
         self._unplaced: set[str] = set()
         """Partitions read here from their beginning that have handed out nothing yet."""
-        self._wake_by = float("inf")
+        self._wake_by: dict[int, float] = {}
+        """Per worker thread: when its source's idle wait must end (its own timers)."""
         self._held = False
         self.peers = False
         """Other processes form the cluster with this one: they need its commits, even when it
@@ -101,20 +103,33 @@ class InputClock:
         """Every record ``part`` held at ``t0`` is below offset ``high`` (a probe's answer)."""
         with self._lock:
             pos = self._local.get(part)
-            if pos is not None and pos >= high:
-                self._reach(part, t0)
-            elif pos is not None:
-                pending = self._pending.setdefault(part, deque(maxlen=_PENDING_MAX))
-                if not pending or pending[-1][1] < high:
-                    pending.append((t0, high))
-                else:  # same watermark, later time: reaching it proves the later time
-                    pending[-1] = (t0, high)
+            if pos is not None:
+                self._reached_by(part, t0, high, pos)
 
     def remote(self, part: str, t0: float, high: int, committed: int) -> None:
-        """Another process has read ``part`` up to ``committed`` (as of after ``t0``)."""
+        """Another process has read ``part`` up to ``committed`` (as of after ``t0``).
+
+        Under steady traffic a reader's last commit is always a little behind the watermark of
+        the same moment, so a watermark it has not passed yet is kept, as for a local reader,
+        and reached by a later commit (else a timer would wait for a lull in the traffic)."""
         with self._lock:
-            if part not in self._local and committed >= high:
-                self._reach(part, t0)
+            if part not in self._local:
+                self._reached_by(part, t0, high, committed)
+
+    def _reached_by(self, part: str, t0: float, high: int, pos: int) -> None:
+        """``part``'s reader is at ``pos``, and the partition held offsets below ``high`` at
+        ``t0``: reach what ``pos`` proves, and keep ``(t0, high)`` for a later position."""
+        pending = self._pending.get(part)
+        while pending and pending[0][1] <= pos:
+            self._reach(part, pending.popleft()[0])
+        if pos >= high:
+            self._reach(part, t0)
+            return
+        pending = self._pending.setdefault(part, deque(maxlen=_PENDING_MAX))
+        if not pending or pending[-1][1] < high:
+            pending.append((t0, high))
+        else:  # same watermark, later time: reaching it proves the later time
+            pending[-1] = (t0, high)
 
     def _reach(self, part: str, t: float) -> None:
         if t > self._reached.get(part, _NEVER):
@@ -184,15 +199,20 @@ class InputClock:
         return held
 
     def wake_by(self, t: float) -> None:
-        """A timer wants a callback by ``t``: an idle source's wait ends by then."""
-        if t < self._wake_by:
-            self._wake_by = t
+        """A timer of the calling worker wants a callback by ``t``: that worker's idle source
+        returns by then. Per worker: a worker whose wait ended for another's timer would leave
+        the timer's own worker blocked for a whole ``IDLE_WAIT_S``."""
+        ident = threading.get_ident()
+        if t < self._wake_by.get(ident, float("inf")):
+            self._wake_by[ident] = t
 
     def wait_s(self, cap: float) -> float:
-        """How long an idle source may block: at most ``cap``, less if a timer is due sooner."""
-        left = self._wake_by - time.time()
+        """How long the calling worker's idle source may block: at most ``cap``, less if one
+        of its timers is due sooner."""
+        ident = threading.get_ident()
+        left = self._wake_by.get(ident, float("inf")) - time.time()
         if left <= 0:
-            self._wake_by = float("inf")
+            self._wake_by.pop(ident, None)
             return 0.0
         return min(cap, left)
 

@@ -24,6 +24,7 @@ import bytewax.operators as op
 import structlog
 from bytewax.dataflow import Dataflow, Stream
 from bytewax.inputs import Source
+from bytewax.operators import KeyedStream
 from bytewax.outputs import FixedPartitionedSink, Sink
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE
 from typing_extensions import override
@@ -196,7 +197,8 @@ class _ScheduleLogic(DueLogic[_Item, ScheduleState]):
 def _parser(settings: Settings, registry: Registry) -> Any:
     limit = message_max_bytes(settings.kafka_config())  # what the dead-letter write may carry
 
-    def parse_one(rec: Incoming) -> _Parsed:
+    def parse_one(msg: Any) -> _Parsed:
+        rec = to_incoming(msg)
         try:
             key, what = parse(rec, settings, registry)
         except ProtocolError as e:
@@ -210,12 +212,9 @@ def _parser(settings: Settings, registry: Registry) -> Any:
     return parse_one
 
 
-def _arm_of(out: Record | Arm) -> Arm | None:
-    return out if isinstance(out, Arm) else None
-
-
-def _record_of(out: Record | Arm) -> Record | None:
-    return out if isinstance(out, Record) else None
+def _is_record(out: tuple[str, Record | Arm]) -> bool:
+    """A thread's output is a record to write, or an ``Arm`` for its wheel slot."""
+    return isinstance(out[1], Record)
 
 
 PROBE_S = 0.01
@@ -275,14 +274,15 @@ def build_flow(settings: Settings, registry: Registry | None = None, *,
         ins = [op.input(step, flow, src)
                for step, src in kafka_sources(settings, workers.clock).items()]
         raw = op.merge("inputs", *ins)
-    parsed = op.map("parse", op.map("incoming", raw, to_incoming), _parser(settings, registry))
+    parsed = op.map("parse", raw, _parser(settings, registry))  # one step: each costs a hop
     bad = op.branch("valid", parsed, lambda p: isinstance(p, Record))
     kind = op.branch("kind", bad.falses, lambda p: isinstance(p.command, Schedule))
 
     items = op.key_on("by-thread", kind.falses, lambda it: it.key)
     threads = op.stateful(STEP_THREAD, items, lambda resume: _ThreadLogic(workers.get(), resume))
-    records = op.filter_map_value("thread-records", threads, _record_of)  # keyed by thread id
-    arms = op.filter_map("arms", op.key_rm("thread-out", threads), _arm_of)
+    split = op.branch("thread-out", threads, _is_record)  # one call per output, not three
+    records = cast("KeyedStream[Record]", split.trues)  # keyed by thread id
+    arms = cast("Stream[Arm]", op.key_rm("arms", split.falses))
     slots = op.key_on("by-slot", arms, lambda arm: slot_of(arm.thread))
     wheel = op.stateful(STEP_WHEEL, slots,
                         lambda resume: WheelLogic(settings.resume_topic, workers.clock, resume))

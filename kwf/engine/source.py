@@ -47,8 +47,9 @@ log = structlog.get_logger("kwf.engine.source")
 
 IDLE_WAIT_S = 0.02
 """The longest an idle worker blocks in Kafka: bounds timer lateness and idle CPU (50 wakeups/s)."""
-COMMIT_S = 0.05
-"""How often moved positions are committed to the consumer group (other processes' clocks)."""
+COMMIT_S = 0.02
+"""How often moved positions are committed to the consumer group: the other processes' input
+clocks hold timers until a commit shows this process read past their due time."""
 COMMIT_IDLE_S = 5.0
 GROUP = "kwf-engine"
 _LOG_EVERY_S = 10.0
@@ -65,11 +66,11 @@ def draining() -> bool:
     return _drain.is_set()
 
 
-def _incoming(msg: Message) -> Incoming:
+def _incoming(topic: str, index: int, msg: Message) -> Incoming:
+    """``msg`` (read from ``topic``'s partition ``index``) as the core takes it."""
     kind, ms = msg.timestamp()
     stamp = ms / 1000 if kind != TIMESTAMP_NOT_AVAILABLE and ms >= 0 else time.time()
-    return Incoming(msg.topic() or "", msg.key(), msg.value(), stamp, msg.partition() or 0,
-                    msg.offset() or 0)
+    return Incoming(topic, msg.key(), msg.value(), stamp, index, msg.offset() or 0)
 
 
 class _Shared:
@@ -187,7 +188,9 @@ class _Partition(StatefulSourcePartition[Incoming, int]):
             if not self._buf:
                 return []
         buf, n = self._buf, min(self._batch, len(self._buf))
-        out = [_incoming(buf.popleft()) for _ in range(n)]
+        topic, index = self._tp
+        pop = buf.popleft
+        out = [_incoming(topic, index, pop()) for _ in range(n)]
         self._next = out[-1].offset + 1
         shared.handed += n
         shared.clock.position(self._name, self._next)
