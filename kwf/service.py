@@ -137,7 +137,8 @@ class ServiceRunner:
     def _run(self) -> None:
         assert self._consumer is not None
         consumer = self._consumer
-        producer = Producer({**self.conf, "linger.ms": 5})
+        # linger 0, as the engine's sink: every millisecond of linger is one more per answer.
+        producer = Producer({**self.conf, "linger.ms": 0})
         try:
             while not self._stop.is_set():
                 for msg in consumer.consume(500, timeout=0.02):
