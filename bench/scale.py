@@ -38,6 +38,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import kwf
@@ -114,18 +115,28 @@ class Watcher:
             return sum(1 for t, k in self.seen if t == topic and k.startswith(prefix))
 
     def wait_for(self, topic: str, keys: list[str], timeout: float) -> list[float]:
-        """Arrival times of ``keys`` on ``topic`` once all are seen (``TimeoutError`` if not)."""
+        """Arrival times of ``keys`` on ``topic`` once all are seen (``TimeoutError`` if not).
+
+        Only keys not seen yet are looked up again (2M keys polled whole would eat a core),
+        and progress goes to stderr every 30 s."""
         deadline = time.monotonic() + timeout
+        pending = set(keys)
+        report = time.monotonic() + 30
         while True:
             with self.lock:
-                got = [self.seen.get((topic, k)) for k in keys]
-            if all(g is not None for g in got):
-                return [g for g in got if g is not None]
-            if time.monotonic() > deadline:
-                missing = sum(g is None for g in got)
-                msg = f"{missing} of {len(keys)} keys never reached {topic}"
+                pending = {k for k in pending if (topic, k) not in self.seen}
+            if not pending:
+                with self.lock:
+                    return [self.seen[(topic, k)] for k in keys]
+            now = time.monotonic()
+            if now > deadline:
+                msg = f"{len(pending)} of {len(keys)} keys never reached {topic}"
                 raise TimeoutError(msg)
-            time.sleep(0.01)
+            if now > report:
+                report = now + 30
+                print(f"{time.strftime('%H:%M:%S')} {topic}: {len(keys) - len(pending)} of "
+                      f"{len(keys)}", file=sys.stderr, flush=True)
+            time.sleep(0.01 if len(pending) < 1000 else 0.5)
 
     def close(self) -> None:
         self.stop = True
@@ -188,7 +199,11 @@ class Bench:
         return rss_bytes(self.engine.pid)
 
 
-def run_size(brokers: str, n: int, partitions: int, probe: int, workdir: Path) -> dict[str, Any]:
+def run_size(brokers: str, n: int, partitions: int, probe: int, workdir: Path,
+             completions: int | None = None,
+             save: Callable[[dict[str, Any]], None] = lambda _: None) -> dict[str, Any]:
+    """One size; ``save`` gets the figures so far after each phase (a 1M run takes an hour),
+    ``completions`` caps how many waiting threads phase 4 resumes."""
     b = Bench(brokers, n, partitions, 3, workdir)
     s = b.settings
     half = n // 2
@@ -196,6 +211,11 @@ def run_size(brokers: str, n: int, partitions: int, probe: int, workdir: Path) -
     napping = [f"n{i}" for i in range(n - half)]
     finished = [f"d{i}" for i in range(n)]
     out: dict[str, Any] = {"n": n, "recovery_partitions": partitions}
+
+    def phase(name: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} n={n}: {name}", file=sys.stderr, flush=True)
+        save(out)
+
     b.produce([(k, "new:scale-wait:null") for k in waiting]
               + [(k, "new:scale-nap:null") for k in napping]
               + [(k, "new:scale-done:null") for k in finished])
@@ -209,6 +229,7 @@ def run_size(brokers: str, n: int, partitions: int, probe: int, workdir: Path) -
         out["rss_after_starts_mb"] = round(b.rss() / 2**20, 1)
         size, rows = store_size(b.recovery)
         out.update(recovery_bytes=size, recovery_rows=rows)
+        phase("started")
         b.kill()
 
         b.produce([(waiting[0], json.dumps({"ref": "go", "value": 1}))])
@@ -217,6 +238,7 @@ def run_size(brokers: str, n: int, partitions: int, probe: int, workdir: Path) -
         out["restart_to_first_result_s"] = round(first - t1, 2)
         time.sleep(1)
         out["rss_restored_mb"] = round(b.rss() / 2**20, 1)
+        phase("restarted")
 
         probes = [f"p{i}" for i in range(probe)]
         tp = time.time()
@@ -224,13 +246,15 @@ def run_size(brokers: str, n: int, partitions: int, probe: int, workdir: Path) -
                   + [(k, json.dumps({"ref": "go", "value": 1})) for k in probes])
         got = watch.wait_for(s.result_topic, probes, timeout=3600)
         out["probe_records_per_s"] = round(2 * probe / (max(got) - tp), 1)
+        phase("probed")
 
-        rest = waiting[1:]
+        rest = waiting[1:completions]
         tc = time.time()
         b.produce([(k, json.dumps({"ref": "go", "value": 1})) for k in rest])
         got = watch.wait_for(s.result_topic, rest, timeout=7200)
         out["completions_per_s"] = round(len(rest) / (max(got) - tc), 1)
         out["rss_after_completions_mb"] = round(b.rss() / 2**20, 1)
+        phase("completed")
     finally:
         b.kill()
         watch.close()
@@ -329,6 +353,8 @@ def main() -> None:
     parser.add_argument("--memory", type=int, default=0, help="threads for the in-process measure")
     parser.add_argument("--loader", default="",
                         help="rows:partitions[,...]: time Bytewax's restart query alone")
+    parser.add_argument("--completions", type=int, default=0,
+                        help="resume at most this many waiting threads in phase 4 (0: all)")
     parser.add_argument("--out", default="bench-scale.json")
     args = parser.parse_args()
     result: dict[str, Any] = {"uptime": subprocess.run(["uptime"], capture_output=True,
@@ -345,7 +371,12 @@ def main() -> None:
                 result.setdefault("loader", []).append(one)
         for n in (int(x) for x in args.sizes.split(",") if x):
             parts = partitions_for(2 * n) if args.partitions == "auto" else int(args.partitions)
-            one = run_size(args.brokers, n, parts, args.probe, Path(tmp))
+            def save(partial: dict[str, Any]) -> None:
+                Path(args.out).write_text(json.dumps(
+                    {**result, "sizes": [*result["sizes"], partial]}, indent=2))
+
+            one = run_size(args.brokers, n, parts, args.probe, Path(tmp),
+                           args.completions or None, save)
             one["uptime_after"] = subprocess.run(["uptime"], capture_output=True,
                                                  text=True).stdout.strip()
             print(json.dumps(one), flush=True)
