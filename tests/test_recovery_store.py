@@ -12,7 +12,7 @@ import flow_workflows as fw
 
 from kwf.config import Settings
 from kwf.engine.flow import run_flow
-from kwf.engine.recovery import MAX_PARTITIONS, compact, partitions_for
+from kwf.engine.recovery import MAX_PARTITIONS, SETTLED, compact, partitions_for, settle
 
 RESUME = "workflow-resume"
 THREAD_STEP = "kwf.thread.stateful_batch"
@@ -79,3 +79,41 @@ def test_compact_drops_rows_superseded_at_the_commit_epoch(tmp_path: Path) -> No
 def test_partitions_follow_the_expected_threads() -> None:
     assert [partitions_for(n) for n in (0, 10_000, 10_001, 1_000_000)] == [1, 1, 2, 100]
     assert partitions_for(10**9) == MAX_PARTITIONS
+
+
+def _journals(store: Path) -> dict[str, int]:
+    from kwf.cli._store import read_journals
+
+    return {j.thread: len(j.events) for j in read_journals(store)}
+
+
+def test_settled_rows_leave_snaps_and_come_back_for_the_next_start(tmp_path: Path) -> None:
+    now = time.time()
+    first = [(RESUME, "a", "new:fnotify:{}", now), (RESUME, "b", "new:fnotify:{}", now),
+             (RESUME, "c", "new:fnotify:{}", now), (RESUME, "c", STOP, now)]
+    run_flow(first, workflows=fw.ALL, recovery_dir=tmp_path, epoch_interval=timedelta(0))
+    part = tmp_path / "part-0.sqlite3"
+    journals = _journals(tmp_path)
+    with sqlite3.connect(part) as db:
+        (started,) = db.execute("SELECT commit_epoch FROM commits").fetchone()
+        assert settle(part, started=started) == 0  # no commit since the start: loader may run
+        assert settle(part, started=None) == 0  # nothing older than the commit epoch yet
+        # the running engine's next epoch commits (run_flow writes every row at its last epoch)
+        db.execute("UPDATE commits SET commit_epoch = commit_epoch + 1")
+        db.commit()
+    committed = started + 1
+
+    moved = settle(part, started=None)
+    with sqlite3.connect(part) as db:
+        hot = db.execute("SELECT COUNT(*) FROM snaps WHERE snap_epoch < ?", (committed,)).fetchone()
+        settled = {k for (k,) in db.execute(f"SELECT state_key FROM {SETTLED}")}
+    assert moved > 0 and hot == (0,)
+    assert {"a", "b", "c"} <= settled
+    assert _journals(tmp_path) == journals  # the tools read both tables
+
+    assert compact(tmp_path).unsettled == len(settled)  # back in snaps before Bytewax opens it
+    second = [*first, (RESUME, "a", STOP, now), (RESUME, "c", STOP, now)]
+    out = run_flow(second, workflows=fw.ALL, recovery_dir=tmp_path, epoch_interval=timedelta(0))
+    assert [(r.key, r.value) for r in out if r.topic == Settings().result_topic] == [("a", "0")]
+    assert not [r for r in out if r.topic == Settings().dlq_topic]  # c is still a tombstone
+    assert _journals(tmp_path).keys() == journals.keys()

@@ -20,12 +20,26 @@ Rows that may leave the table without changing what any restart loads:
 
 ``compact`` runs at engine start (``kwf.engine.engine_flow``, once the directory is locked and
 before Bytewax opens it); both rules would hold beside a running engine too.
+
+**Settled rows leave ``snaps`` while the engine runs** (``Settler``). Bytewax's garbage
+collection at every commit (``RecoveryCommitter::commit``) groups the whole ``snaps`` table of
+the partition and probes its index once per key: about 5 µs per row, so with 200,000 threads
+about a second of the worker's time per epoch, and with 2 million more than an epoch lasts.
+Once the loader is done (the partition committed past the epoch it started from), a row older
+than the commit epoch is final: no restart can resume before the commit, and Bytewax never
+writes that epoch again. The settler moves such rows, newest per key, to kwf's table
+``kwf_snaps`` in the same file (a ``NULL`` newest row removes the key instead), so ``snaps``
+holds only what changed in the last epochs and the garbage collection stays cheap whatever
+the number of threads. ``compact`` moves them back before Bytewax opens the store, so its
+loader sees exactly the rows it would have seen (a store is only read through kwf:
+``kwf.cli._store`` reads both tables).
 """
 
 from __future__ import annotations
 
 import math
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +68,34 @@ DELETE FROM snaps WHERE snap_epoch <= ?1 AND EXISTS (
 """
 
 
+SETTLED = "kwf_snaps"
+"""kwf's table of settled rows: one per key, the newest older than a commit epoch."""
+
+_SETTLED_TABLE = f"""
+CREATE TABLE IF NOT EXISTS {SETTLED} (step_id TEXT NOT NULL, state_key TEXT NOT NULL,
+  snap_epoch INTEGER NOT NULL, ser_change BLOB, PRIMARY KEY (step_id, state_key)) STRICT
+"""
+
+_UNSETTLE = f"""
+INSERT INTO snaps (step_id, state_key, snap_epoch, ser_change)
+SELECT step_id, state_key, snap_epoch, ser_change FROM {SETTLED} WHERE true
+ON CONFLICT (step_id, state_key, snap_epoch) DO NOTHING
+"""
+
+_SETTLE = f"""
+INSERT INTO {SETTLED} (step_id, state_key, snap_epoch, ser_change)
+SELECT step_id, state_key, snap_epoch, ser_change FROM snaps WHERE snap_epoch < ?1
+ORDER BY snap_epoch
+ON CONFLICT (step_id, state_key) DO UPDATE SET snap_epoch = excluded.snap_epoch,
+  ser_change = excluded.ser_change WHERE excluded.snap_epoch > {SETTLED}.snap_epoch
+"""
+
+_SETTLED_NULLS = f"""
+DELETE FROM {SETTLED} WHERE ser_change IS NULL AND (step_id, state_key) IN (
+  SELECT step_id, state_key FROM snaps WHERE snap_epoch < ?1 AND ser_change IS NULL)
+"""
+
+
 def partitions_for(expected_threads: int) -> int:
     """Recovery partitions to create for a node expected to hold ``expected_threads`` threads
     (waiting and finished within retention); fixed for ever once created."""
@@ -68,6 +110,8 @@ class Compacted:
     dead_nulls: int
     superseded: int
     seconds: float
+    unsettled: int = 0
+    """Settled rows moved back to ``snaps`` for Bytewax's loader."""
 
 
 def compact(recovery_dir: str | Path) -> Compacted:
@@ -75,11 +119,12 @@ def compact(recovery_dir: str | Path) -> Compacted:
     that cannot be compacted is logged and left as it is (a restart is only slower)."""
     start = time.monotonic()
     parts = sorted(Path(recovery_dir).glob("part-*.sqlite3"))
-    nulls = superseded = 0
+    nulls = superseded = unsettled = 0
     for part in parts:
         db = sqlite3.connect(part, timeout=30.0)
         try:
             with db:
+                unsettled += _unsettle(db)
                 nulls += db.execute(_DEAD_NULLS).rowcount
                 row = db.execute("SELECT MIN(commit_epoch) FROM commits").fetchone()
                 if row is not None and row[0] is not None:
@@ -88,8 +133,101 @@ def compact(recovery_dir: str | Path) -> Compacted:
             log.warning("recovery_not_compacted", partition=str(part), reason=str(e))
         finally:
             db.close()
-    done = Compacted(len(parts), nulls, superseded, time.monotonic() - start)
+    done = Compacted(len(parts), nulls, superseded, time.monotonic() - start, unsettled)
     log.info("recovery_compacted", dir=str(recovery_dir), partitions=done.partitions,
-             dead_nulls=done.dead_nulls,
+             unsettled=done.unsettled, dead_nulls=done.dead_nulls,
              superseded=done.superseded, seconds=round(done.seconds, 3))
     return done
+
+
+def _has_settled(db: sqlite3.Connection) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                      (SETTLED,)).fetchone() is not None
+
+
+def _unsettle(db: sqlite3.Connection) -> int:
+    """Move every settled row back to ``snaps`` (inside the caller's transaction)."""
+    if not _has_settled(db):
+        return 0
+    moved = db.execute(_UNSETTLE).rowcount
+    db.execute(f"DELETE FROM {SETTLED}")  # noqa: S608 - a constant
+    return moved
+
+
+def _commit_epoch(db: sqlite3.Connection) -> int | None:
+    row = db.execute("SELECT MIN(commit_epoch) FROM commits").fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+def settle(part: Path | str, started: int | None) -> int:
+    """Move the final rows of one partition from ``snaps`` to ``kwf_snaps``, once the partition
+    has committed past ``started`` (its commit epoch when the engine started: until then
+    Bytewax's loader may still be paging through ``snaps``). Returns the rows moved."""
+    db = sqlite3.connect(part, timeout=30.0, isolation_level=None)
+    try:
+        db.execute("PRAGMA busy_timeout = 30000")
+        db.execute("BEGIN IMMEDIATE")  # the write lock first: Bytewax's writes wait for it
+        try:
+            epoch = _commit_epoch(db)
+            if epoch is None or (started is not None and epoch <= started):
+                db.execute("ROLLBACK")
+                return 0
+            db.execute(_SETTLED_TABLE)
+            db.execute(_SETTLE, (epoch,))
+            db.execute(_SETTLED_NULLS, (epoch,))
+            moved = db.execute("DELETE FROM snaps WHERE snap_epoch < ?", (epoch,)).rowcount
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return moved
+    finally:
+        db.close()
+
+
+SETTLE_EVERY_S = 2.0
+"""How often the settler looks for rows to move (a commit happens every epoch, ``-s``)."""
+
+
+class Settler:
+    """The engine's daemon thread that keeps ``snaps`` small (see the module docstring)."""
+
+    def __init__(self, recovery_dir: Path | str) -> None:
+        self.parts = sorted(Path(recovery_dir).glob("part-*.sqlite3"))
+        self.started = {part: self._epoch(part) for part in self.parts}
+        self.moved = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="kwf-settle", daemon=True)
+
+    @staticmethod
+    def _epoch(part: Path) -> int | None:
+        db = sqlite3.connect(f"file:{part}?mode=ro", uri=True, timeout=30.0)
+        try:
+            return _commit_epoch(db)
+        except sqlite3.Error:  # not initialised yet: Bytewax creates its tables on open
+            return None
+        finally:
+            db.close()
+
+    def start(self) -> Settler:
+        self.thread.start()
+        return self
+
+    def settle_all(self) -> int:
+        """One pass over the partitions; a partition that fails is logged and retried later."""
+        moved = 0
+        for part in self.parts:
+            try:
+                moved += settle(part, self.started[part])
+            except sqlite3.Error as e:  # only slower GC without it; the next pass retries
+                log.warning("recovery_not_settled", partition=str(part), reason=str(e))
+        self.moved += moved
+        return moved
+
+    def _run(self) -> None:
+        while not self.stop.wait(SETTLE_EVERY_S):
+            start = time.monotonic()
+            moved = self.settle_all()
+            if moved:
+                log.debug("recovery_settled", rows=moved,
+                          seconds=round(time.monotonic() - start, 3))
