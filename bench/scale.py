@@ -26,6 +26,7 @@ __main__.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import asyncio
 import json
 import os
@@ -81,6 +82,8 @@ def store_size(recovery: Path) -> tuple[int, int]:
     for part in recovery.glob("part-*.sqlite3"):
         db = sqlite3.connect(f"file:{part}?mode=ro", uri=True, timeout=30)
         rows += db.execute("SELECT COUNT(*) FROM snaps").fetchone()[0]
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'kwf_snaps'").fetchone():
+            rows += db.execute("SELECT COUNT(*) FROM kwf_snaps").fetchone()[0]
         db.close()
     return size, rows
 
@@ -355,6 +358,8 @@ def main() -> None:
                         help="rows:partitions[,...]: time Bytewax's restart query alone")
     parser.add_argument("--completions", type=int, default=0,
                         help="resume at most this many waiting threads in phase 4 (0: all)")
+    parser.add_argument("--workdir", default=None,
+                        help="keep stores and engine logs here (default: a temporary directory)")
     parser.add_argument("--out", default="bench-scale.json")
     args = parser.parse_args()
     result: dict[str, Any] = {"uptime": subprocess.run(["uptime"], capture_output=True,
@@ -362,7 +367,9 @@ def main() -> None:
     if args.memory:
         result["memory"] = memory(args.memory)
         print(json.dumps(result["memory"]), flush=True)
-    with tempfile.TemporaryDirectory(prefix="kwf-scale-") as tmp:
+    kept = args.workdir and contextlib.nullcontext(tempfile.mkdtemp(prefix="kwf-scale-",
+                                                                    dir=args.workdir))
+    with kept or tempfile.TemporaryDirectory(prefix="kwf-scale-") as tmp:
         for spec in filter(None, args.loader.split(",")):
             rows, parts = (int(x) for x in spec.split(":"))
             for index in (False, True):

@@ -9,8 +9,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import flow_workflows as fw
+import pytest
 
 from kwf.config import Settings
+from kwf.engine import recovery
 from kwf.engine.flow import run_flow
 from kwf.engine.recovery import MAX_PARTITIONS, SETTLED, compact, partitions_for, settle
 
@@ -87,7 +89,9 @@ def _journals(store: Path) -> dict[str, int]:
     return {j.thread: len(j.events) for j in read_journals(store)}
 
 
-def test_settled_rows_leave_snaps_and_come_back_for_the_next_start(tmp_path: Path) -> None:
+def test_settled_rows_leave_snaps_and_come_back_for_the_next_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(recovery, "SETTLE_CHUNK", 2)  # several transactions
     now = time.time()
     first = [(RESUME, "a", "new:fnotify:{}", now), (RESUME, "b", "new:fnotify:{}", now),
              (RESUME, "c", "new:fnotify:{}", now), (RESUME, "c", STOP, now)]

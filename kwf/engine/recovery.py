@@ -21,14 +21,14 @@ Rows that may leave the table without changing what any restart loads:
 ``compact`` runs at engine start (``kwf.engine.engine_flow``, once the directory is locked and
 before Bytewax opens it); both rules would hold beside a running engine too.
 
-**Settled rows leave ``snaps`` while the engine runs** (``Settler``). Bytewax's garbage
+**Settled rows leave ``snaps`` while the engine runs** (``start_settler``). Bytewax's garbage
 collection at every commit (``RecoveryCommitter::commit``) groups the whole ``snaps`` table of
 the partition and probes its index once per key: about 5 µs per row, so with 200,000 threads
 about a second of the worker's time per epoch, and with 2 million more than an epoch lasts.
 Once the loader is done (the partition committed past the epoch it started from), a row older
 than the commit epoch is final: no restart can resume before the commit, and Bytewax never
 writes that epoch again. The settler moves such rows, newest per key, to kwf's table
-``kwf_snaps`` in the same file (a ``NULL`` newest row removes the key instead), so ``snaps``
+``kwf_snaps`` in the same file (in a child process: see ``start_settler``), so ``snaps``
 holds only what changed in the last epochs and the garbage collection stays cheap whatever
 the number of threads. ``compact`` moves them back before Bytewax opens the store, so its
 loader sees exactly the rows it would have seen (a store is only read through kwf:
@@ -37,9 +37,15 @@ loader sees exactly the rows it would have seen (a store is only read through kw
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import json
 import math
+import os
+import signal
 import sqlite3
-import threading
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,19 +88,18 @@ SELECT step_id, state_key, snap_epoch, ser_change FROM {SETTLED} WHERE true
 ON CONFLICT (step_id, state_key, snap_epoch) DO NOTHING
 """
 
+_CHUNK = "rowid IN (SELECT rowid FROM snaps WHERE snap_epoch < ?1 ORDER BY rowid LIMIT ?2)"
+
+SETTLE_CHUNK = 2_000
+"""Rows moved per transaction: Bytewax waits at most 5 s for the write lock, then panics."""
+
 _SETTLE = f"""
 INSERT INTO {SETTLED} (step_id, state_key, snap_epoch, ser_change)
-SELECT step_id, state_key, snap_epoch, ser_change FROM snaps WHERE snap_epoch < ?1
+SELECT step_id, state_key, snap_epoch, ser_change FROM snaps WHERE {_CHUNK}
 ORDER BY snap_epoch
 ON CONFLICT (step_id, state_key) DO UPDATE SET snap_epoch = excluded.snap_epoch,
   ser_change = excluded.ser_change WHERE excluded.snap_epoch > {SETTLED}.snap_epoch
 """
-
-_SETTLED_NULLS = f"""
-DELETE FROM {SETTLED} WHERE ser_change IS NULL AND (step_id, state_key) IN (
-  SELECT step_id, state_key FROM snaps WHERE snap_epoch < ?1 AND ser_change IS NULL)
-"""
-
 
 def partitions_for(expected_threads: int) -> int:
     """Recovery partitions to create for a node expected to hold ``expected_threads`` threads
@@ -162,25 +167,31 @@ def _commit_epoch(db: sqlite3.Connection) -> int | None:
 def settle(part: Path | str, started: int | None) -> int:
     """Move the final rows of one partition from ``snaps`` to ``kwf_snaps``, once the partition
     has committed past ``started`` (its commit epoch when the engine started: until then
-    Bytewax's loader may still be paging through ``snaps``). Returns the rows moved."""
+    Bytewax's loader may still be paging through ``snaps``). Returns the rows moved.
+
+    A ``NULL`` row (state discarded) is kept like any other, so that an older row moved later
+    cannot bring the state back; ``compact`` drops it at the next start."""
     db = sqlite3.connect(part, timeout=30.0, isolation_level=None)
+    moved = 0
     try:
-        db.execute("PRAGMA busy_timeout = 30000")
-        db.execute("BEGIN IMMEDIATE")  # the write lock first: Bytewax's writes wait for it
-        try:
-            epoch = _commit_epoch(db)
-            if epoch is None or (started is not None and epoch <= started):
+        while True:
+            db.execute("BEGIN IMMEDIATE")  # the write lock first: Bytewax's writes wait for it
+            try:
+                epoch = _commit_epoch(db)
+                if epoch is None or (started is not None and epoch <= started):
+                    db.execute("ROLLBACK")
+                    return moved
+                db.execute(_SETTLED_TABLE)
+                db.execute(_SETTLE, (epoch, SETTLE_CHUNK))
+                chunk = db.execute(f"DELETE FROM snaps WHERE {_CHUNK}",  # noqa: S608 - constant
+                                   (epoch, SETTLE_CHUNK)).rowcount
+                db.execute("COMMIT")
+            except BaseException:
                 db.execute("ROLLBACK")
-                return 0
-            db.execute(_SETTLED_TABLE)
-            db.execute(_SETTLE, (epoch,))
-            db.execute(_SETTLED_NULLS, (epoch,))
-            moved = db.execute("DELETE FROM snaps WHERE snap_epoch < ?", (epoch,)).rowcount
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        return moved
+                raise
+            moved += chunk
+            if chunk < SETTLE_CHUNK:
+                return moved
     finally:
         db.close()
 
@@ -189,45 +200,64 @@ SETTLE_EVERY_S = 2.0
 """How often the settler looks for rows to move (a commit happens every epoch, ``-s``)."""
 
 
-class Settler:
-    """The engine's daemon thread that keeps ``snaps`` small (see the module docstring)."""
+def start_settler(recovery_dir: Path | str) -> subprocess.Popen[bytes]:
+    """Start the settler beside the engine: a child process, never a thread.
 
-    def __init__(self, recovery_dir: Path | str) -> None:
-        self.parts = sorted(Path(recovery_dir).glob("part-*.sqlite3"))
-        self.started = {part: self._epoch(part) for part in self.parts}
-        self.moved = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="kwf-settle", daemon=True)
+    Bytewax links its own copy of SQLite. Two copies in one process do not see each other's
+    POSIX locks, so a connection of Python's ``sqlite3`` closed while Bytewax has the file open
+    drops Bytewax's locks and deletes the WAL it is writing to (its snapshots are lost: seen in
+    ``bench/scale.py``; sqlite.org/howtocorrupt.html, 2.2). ``compact`` is safe in-process only
+    because it runs before Bytewax opens the files. The child dies with the engine (Linux:
+    ``PR_SET_PDEATHSIG``; elsewhere within ``SETTLE_EVERY_S``), so a restart's ``compact``
+    never races it. Call it before Bytewax opens the store: it reads each partition's commit
+    epoch here (in-process, safe then), which tells the child when Bytewax's loader is done.
+    """
+    started = {part.name: _started_epoch(part)
+               for part in sorted(Path(recovery_dir).glob("part-*.sqlite3"))}
+    # -P: the script's directory (kwf/engine) is not put on sys.path; nothing of kwf imported
+    return subprocess.Popen([sys.executable, "-P", __file__, str(recovery_dir), str(os.getpid()),
+                             json.dumps(started)], stdin=subprocess.DEVNULL)
 
-    @staticmethod
-    def _epoch(part: Path) -> int | None:
-        db = sqlite3.connect(f"file:{part}?mode=ro", uri=True, timeout=30.0)
+
+def _die_with_parent(parent: int) -> None:
+    name = ctypes.util.find_library("c")
+    if name and sys.platform.startswith("linux"):
+        ctypes.CDLL(name).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # died before prctl took effect
+        sys.exit(0)
+
+
+def _settle_all(parts: dict[Path, int | None]) -> int:
+    """One pass over the partitions; a partition that fails is logged and retried later."""
+    moved = 0
+    for part, started in parts.items():
         try:
-            return _commit_epoch(db)
-        except sqlite3.Error:  # not initialised yet: Bytewax creates its tables on open
-            return None
-        finally:
-            db.close()
+            moved += settle(part, started)
+        except sqlite3.Error as e:  # only slower GC without it; the next pass retries
+            log.warning("recovery_not_settled", partition=str(part), reason=str(e))
+    return moved
 
-    def start(self) -> Settler:
-        self.thread.start()
-        return self
 
-    def settle_all(self) -> int:
-        """One pass over the partitions; a partition that fails is logged and retried later."""
-        moved = 0
-        for part in self.parts:
-            try:
-                moved += settle(part, self.started[part])
-            except sqlite3.Error as e:  # only slower GC without it; the next pass retries
-                log.warning("recovery_not_settled", partition=str(part), reason=str(e))
-        self.moved += moved
-        return moved
+def _started_epoch(part: Path) -> int | None:
+    db = sqlite3.connect(part, timeout=30.0)
+    try:
+        return _commit_epoch(db)
+    except sqlite3.Error:  # not initialised: Bytewax creates its tables when it opens it
+        return None
+    finally:
+        db.close()
 
-    def _run(self) -> None:
-        while not self.stop.wait(SETTLE_EVERY_S):
-            start = time.monotonic()
-            moved = self.settle_all()
-            if moved:
-                log.debug("recovery_settled", rows=moved,
-                          seconds=round(time.monotonic() - start, 3))
+
+def _settler_main(recovery_dir: str, parent: int, started: dict[str, int | None]) -> None:
+    _die_with_parent(parent)
+    parts = {Path(recovery_dir) / name: epoch for name, epoch in started.items()}
+    while os.getppid() == parent:
+        time.sleep(SETTLE_EVERY_S)
+        start = time.monotonic()
+        moved = _settle_all(parts)
+        if moved:
+            log.debug("recovery_settled", rows=moved, seconds=round(time.monotonic() - start, 3))
+
+
+if __name__ == "__main__":
+    _settler_main(sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]))
