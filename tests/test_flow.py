@@ -319,8 +319,8 @@ def test_snapshots_hold_bytes_and_builtins_only(tmp_path: Path) -> None:
             assert isinstance(journal, bytes) and armed == (FUTURE + 30 if key == "t2" else None)
         elif step == "kwf.wheel.stateful_batch":  # the timer is held by a slot, not the thread
             assert state == (slot_of("t2"), {"t2": FUTURE + 30})
-        elif step == "kwf.scheduler.stateful_batch":
-            assert state == ("t1", {'{"ref": "x"}': FUTURE + 10**9})
+        elif step == "kwf.scheduler.stateful_batch":  # the scheduler keys of one wheel slot
+            assert state == (slot_of("t1"), {"t1": {'{"ref": "x"}': FUTURE + 10**9}})
 
 
 def test_engine_refuses_to_start_within_10_s_when_brokers_are_unreachable(tmp_path: Path) -> None:

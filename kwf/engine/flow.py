@@ -3,8 +3,8 @@
 What a record means and what a thread does is decided by ``kwf.protocol.parse`` and
 ``kwf.thread`` (shared with ``kwf.testing.Engine``); this module only wires them into Bytewax:
 sources, a parse step that dead-letters what it refuses, one ``op.stateful`` logic per thread
-id, per timer wheel slot and per scheduler key, wall-clock timers through ``notify_at`` (on
-wheel slots and scheduler keys only), and one sink for every output. Snapshots are our own bytes (or builtins), never objects pickled by module path, and a
+id, per timer wheel slot and per wheel slot of scheduler keys, wall-clock timers through
+``notify_at`` (on those slots only), and one sink for every output. Snapshots are our own bytes (or builtins), never objects pickled by module path, and a
 restored thread is not replayed until it has work. Step ids below are part of the recovery
 format: renaming one silently drops its state.
 """
@@ -32,7 +32,7 @@ from kwf.config import ENGINE_GC_THRESHOLDS, KafkaSettingsError, Settings
 from kwf.engine import logs, metrics
 from kwf.engine.clock import InputClock
 from kwf.engine.memory import start_trimming
-from kwf.engine.wheel import DueLogic, WheelLogic
+from kwf.engine.wheel import DueLogic, ScheduleSlot, WheelLogic
 from kwf.protocol import (
     Command,
     Incoming,
@@ -44,7 +44,7 @@ from kwf.protocol import (
     parse,
 )
 from kwf.registry import Registry, Workflow, WorkflowFn
-from kwf.thread import Context, ScheduleState, ThreadState
+from kwf.thread import Context, ThreadState
 from kwf.wheel import Arm, slot_of
 
 log = structlog.get_logger("kwf.engine.flow")
@@ -177,19 +177,24 @@ _UNKNOWN = float("nan")
 """``armed`` of a thread restored from a snapshot without it: never equal, so it arms again."""
 
 
-class _ScheduleLogic(DueLogic[_Item, ScheduleState]):
-    """One ``workflow-scheduler`` key (``kwf.thread.ScheduleState``), fired like a wheel slot."""
+class _ScheduleLogic(DueLogic[_Item, ScheduleSlot]):
+    """The ``workflow-scheduler`` keys of one wheel slot (``ScheduleSlot``), fired like a slot."""
 
     def __init__(self, resume_topic: str, clock: InputClock,
-                 resume: tuple[str, dict[str, float]] | None) -> None:
-        super().__init__(resume_topic, clock,
-                         ScheduleState(*resume) if resume is not None else None)
+                 resume: tuple[str, dict[str, Any]] | None) -> None:
+        state = None
+        if resume is not None:
+            key, entries = resume
+            if any(not isinstance(e, dict) for e in entries.values()):  # one key, before slots
+                entries = {key: entries}
+            state = ScheduleSlot(key, entries)
+        super().__init__(resume_topic, clock, state)
 
     @override
-    def _add(self, state: ScheduleState | None, value: _Item) -> ScheduleState:
+    def _add(self, state: ScheduleSlot | None, value: _Item) -> ScheduleSlot:
         if state is None:
-            state = ScheduleState(value.key)
-        state.on_schedule(value.command)  # type: ignore[arg-type]  # branched on it
+            state = ScheduleSlot(slot_of(value.key))
+        state.on_schedule(value.key, value.command)  # type: ignore[arg-type]  # branched on it
         return state
 
 
@@ -286,7 +291,7 @@ def build_flow(settings: Settings, registry: Registry | None = None, *,
     slots = op.key_on("by-slot", arms, lambda arm: slot_of(arm.thread))
     wheel = op.stateful(STEP_WHEEL, slots,
                         lambda resume: WheelLogic(settings.resume_topic, workers.clock, resume))
-    schedules = op.key_on("by-scheduler-key", kind.trues, lambda it: it.key)
+    schedules = op.key_on("by-scheduler-slot", kind.trues, lambda it: slot_of(it.key))
     fired = op.stateful(STEP_SCHEDULER, schedules,
                         lambda resume: _ScheduleLogic(settings.resume_topic, workers.clock, resume))
 
@@ -298,7 +303,9 @@ def build_flow(settings: Settings, registry: Registry | None = None, *,
     if isinstance(sink, FixedPartitionedSink):  # keyed: a thread's records by its id, in order
         dead = op.key_on("dlq-records", bad.trues, lambda _: STEP_OUT)
         fires = op.key_on("wheel-by-thread", firings, lambda rec: str(rec.key))
-        op.output(STEP_OUT, op.merge("outputs", dead, records, fires, fired), sink)
+        scheduled = op.key_on("scheduler-by-key", op.key_rm("scheduler-out", fired),
+                              lambda rec: str(rec.key))
+        op.output(STEP_OUT, op.merge("outputs", dead, records, fires, scheduled), sink)
     else:
         outputs = op.merge("outputs", bad.trues, op.key_rm("thread-records-out", records),
                            firings, op.key_rm("scheduler-records", fired))
