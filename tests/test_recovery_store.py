@@ -79,7 +79,7 @@ def test_compact_drops_rows_superseded_at_the_commit_epoch(tmp_path: Path) -> No
 
 
 def test_partitions_follow_the_expected_threads() -> None:
-    assert [partitions_for(n) for n in (0, 10_000, 10_001, 1_000_000)] == [1, 1, 2, 100]
+    assert [partitions_for(n) for n in (0, 5_000, 5_001, 1_000_000)] == [1, 1, 2, 200]
     assert partitions_for(10**9) == MAX_PARTITIONS
 
 

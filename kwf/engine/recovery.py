@@ -54,8 +54,9 @@ import structlog
 
 log = structlog.get_logger("kwf.engine.recovery")
 
-THREADS_PER_PARTITION = 10_000
-"""Threads per recovery partition that keep Bytewax's loader pages cheap (about 10 ms each)."""
+THREADS_PER_PARTITION = 5_000
+"""Threads per recovery partition. A restart costs about rows² / (1000 × partitions) row reads;
+each partition costs one commit per epoch (about 1 ms, kept small by the settler)."""
 
 MAX_PARTITIONS = 256
 """Partitions beyond this cost more in per-epoch commits than they save at restart."""
@@ -231,6 +232,8 @@ def _settle_all(parts: dict[Path, int | None]) -> int:
     """One pass over the partitions; a partition that fails is logged and retried later."""
     moved = 0
     for part, started in parts.items():
+        if os.getppid() != _PARENT[0]:  # the engine is gone: a restart may be compacting
+            sys.exit(0)
         try:
             moved += settle(part, started)
         except sqlite3.Error as e:  # only slower GC without it; the next pass retries
@@ -248,7 +251,11 @@ def _started_epoch(part: Path) -> int | None:
         db.close()
 
 
+_PARENT = [os.getppid()]
+
+
 def _settler_main(recovery_dir: str, parent: int, started: dict[str, int | None]) -> None:
+    _PARENT[0] = parent
     _die_with_parent(parent)
     parts = {Path(recovery_dir) / name: epoch for name, epoch in started.items()}
     while os.getppid() == parent:
