@@ -10,7 +10,9 @@ one worker) on a real broker and measures, writing one JSON document (``--out``)
    engine starts again: seconds from spawn to that thread's result (restart to first new
    output), and the RSS once restored (every thread journal-only).
 3. **probe**: with all of them waiting or finished, ``--probe`` fresh threads start and are
-   resumed: records applied per second (compare across N; the goal is >= 80% of the 10k rate).
+   resumed: records applied per second, and the engine's CPU per record (its own and its
+   settler's: comparable on a shared machine, where rates are not). Compare across N; the
+   goal is >= 80% of the 10k rate.
 4. **completions**: every channel-waiting thread is resumed: results per second after a restart.
 
 ``--loader ROWS:PARTITIONS,...`` times Bytewax's restart query alone, with and without an
@@ -73,6 +75,21 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and its children alive now (the settler)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    pids = [pid, *(int(c) for c in children.read_text().split())] if children.exists() else [pid]
+    for one in pids:
+        try:
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 def store_size(recovery: Path) -> tuple[int, int]:
@@ -169,7 +186,8 @@ class Bench:
         self.recovery.mkdir()
         subprocess.run([sys.executable, "-m", "bytewax.recovery", str(self.recovery),
                         str(partitions)], check=True, env=self.env)
-        self.log = (workdir / f"engine-{n}.log").open("ab")
+        self.log_path = workdir / f"engine-{n}.log"
+        self.log = self.log_path.open("ab")
         self.engine: subprocess.Popen[bytes] | None = None
 
     def produce(self, items: list[tuple[str, str]]) -> None:
@@ -196,6 +214,16 @@ class Bench:
         if self.engine is not None and self.engine.poll() is None:
             self.engine.send_signal(signal.SIGKILL)
             self.engine.wait()
+
+    def compacted_s(self) -> float | None:
+        """Seconds of the last start's ``compact`` (moving settled rows back, dropping dead
+        ones), from the engine's log."""
+        seconds = None
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if '"recovery_compacted"' in line:
+                with contextlib.suppress(ValueError):
+                    seconds = json.loads(line).get("seconds")
+        return seconds
 
     def rss(self) -> int:
         assert self.engine is not None
@@ -239,16 +267,21 @@ def run_size(brokers: str, n: int, partitions: int, probe: int, workdir: Path,
         t1 = b.start()
         (first,) = watch.wait_for(s.result_topic, [waiting[0]], timeout=7200)
         out["restart_to_first_result_s"] = round(first - t1, 2)
+        out["restart_compact_s"] = b.compacted_s()
         time.sleep(1)
         out["rss_restored_mb"] = round(b.rss() / 2**20, 1)
         phase("restarted")
 
         probes = [f"p{i}" for i in range(probe)]
+        assert b.engine is not None
+        cpu = cpu_seconds(b.engine.pid)
         tp = time.time()
         b.produce([(k, "new:scale-wait:null") for k in probes]
                   + [(k, json.dumps({"ref": "go", "value": 1})) for k in probes])
         got = watch.wait_for(s.result_topic, probes, timeout=3600)
         out["probe_records_per_s"] = round(2 * probe / (max(got) - tp), 1)
+        out["probe_cpu_us_per_record"] = round(
+            (cpu_seconds(b.engine.pid) - cpu) / (2 * probe) * 1e6, 1)
         phase("probed")
 
         rest = waiting[1:completions]

@@ -121,3 +121,25 @@ def test_settled_rows_leave_snaps_and_come_back_for_the_next_start(
     assert [(r.key, r.value) for r in out if r.topic == Settings().result_topic] == [("a", "0")]
     assert not [r for r in out if r.topic == Settings().dlq_topic]  # c is still a tombstone
     assert _journals(tmp_path).keys() == journals.keys()
+
+
+def test_the_settler_process_waits_for_a_new_commit_then_moves_the_rows(
+        tmp_path: Path) -> None:
+    now = time.time()
+    run_flow([(RESUME, "a", "new:fnotify:{}", now)], workflows=fw.ALL, recovery_dir=tmp_path,
+             epoch_interval=timedelta(0))
+    part = tmp_path / "part-0.sqlite3"
+    child = recovery.start_settler(tmp_path)  # this process plays the engine
+    try:
+        time.sleep(recovery.SETTLE_EVERY_S + 1)
+        assert _rows(tmp_path)  # nothing committed since it started: the loader may still run
+        with sqlite3.connect(part) as db:
+            db.execute("UPDATE commits SET commit_epoch = commit_epoch + 1")
+        deadline = time.monotonic() + 20
+        while _rows(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _rows(tmp_path) == []  # all settled
+        assert _journals(tmp_path).keys() == {"a"}
+    finally:
+        child.kill()
+        child.wait()

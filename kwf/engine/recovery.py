@@ -257,13 +257,19 @@ _PARENT = [os.getppid()]
 def _settler_main(recovery_dir: str, parent: int, started: dict[str, int | None]) -> None:
     _PARENT[0] = parent
     _die_with_parent(parent)
+    structlog.configure(  # JSON lines on stderr like the engine's (kwf.engine.logs), info and up
+        processors=[structlog.processors.add_log_level,
+                    structlog.processors.TimeStamper(fmt="iso", utc=True),
+                    structlog.processors.JSONRenderer()],
+        wrapper_class=structlog.make_filtering_bound_logger(20),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     parts = {Path(recovery_dir) / name: epoch for name, epoch in started.items()}
     while os.getppid() == parent:
         time.sleep(SETTLE_EVERY_S)
         start = time.monotonic()
         moved = _settle_all(parts)
-        if moved:
-            log.debug("recovery_settled", rows=moved, seconds=round(time.monotonic() - start, 3))
+        if moved > 10_000:  # after a start: every row moves once
+            log.info("recovery_settled", rows=moved, seconds=round(time.monotonic() - start, 3))
 
 
 if __name__ == "__main__":
