@@ -118,27 +118,50 @@ class _Workers:
         return worker
 
 
-_ThreadSnap = tuple[bytes, float | None]
-"""A thread's snapshot: its journal's bytes and the wakeup its wheel slot holds (``armed``)."""
+_ThreadSnap = tuple[bytes, float | None, bool]
+"""A thread's snapshot: its journal's bytes, the wakeup its wheel slot holds (``armed``) and
+whether it is a tombstone (for ``kwf_threads`` without decoding it). Older snapshots are the
+bytes alone, or the first two."""
 
 
 class _ThreadLogic(op.StatefulLogic[_Item, Record | Arm, _ThreadSnap]):
     """Bytewax's handle on one ``ThreadState``; every rule lives in ``kwf.thread``.
 
     It holds no Bytewax wakeup of its own, except once after a restore whose snapshot does not
-    match the thread's wakeup (an older snapshot, or a thread that was blocked): the wheel
-    slots hold every timer (``kwf.wheel``), so Bytewax scans a bounded number of keys.
+    match the thread's wakeup (a snapshot from before the wheel): the wheel slots hold every
+    timer (``kwf.wheel``), so Bytewax scans a bounded number of keys.
+
+    A restart builds one per thread, so a restored one keeps its snapshot (``held``) and
+    decodes it on its first record or timer: most threads of a restart wait for days, and the
+    bytes are smaller than the decoded journal. ``armed`` in the snapshot is what the thread's
+    slot holds, taken after the thread's last arm, so no wakeup is needed to check it.
     """
 
-    __slots__ = ("ctx", "clock", "state")  # one per thread: no __dict__
+    __slots__ = ("ctx", "clock", "state", "held")  # one per thread: no __dict__
 
-    def __init__(self, worker: _Worker, resume: _ThreadSnap | bytes | None) -> None:
+    def __init__(self, worker: _Worker, resume: _ThreadSnap | tuple[bytes, float | None]
+                 | bytes | None) -> None:
         self.ctx, self.clock = worker
         self.state: ThreadState | None = None
-        if resume is not None:  # decoding is cheap; the instance is rebuilt on work, by replay
+        self.held: _ThreadSnap | None = None
+        if isinstance(resume, tuple) and len(resume) == 3:
+            self.held = resume
+            self.ctx.journals += 1  # counted as ThreadState.restore will count it
+            self.ctx.tombstones += resume[2]
+        elif resume is not None:  # an older snapshot: decoded now, re-armed by notify_at
             data, armed = resume if isinstance(resume, tuple) else (resume, _UNKNOWN)
             self.state = ThreadState.restore(data, self.ctx)
             self.state.armed = armed
+
+    def _thawed(self) -> ThreadState | None:
+        held = self.held
+        if held is not None:
+            self.held = None
+            self.ctx.journals -= 1
+            self.ctx.tombstones -= held[2]
+            self.state = ThreadState.restore(held[0], self.ctx)
+            self.state.armed = held[1]
+        return self.state
 
     def _done(self, records: list[Record | Arm]) -> tuple[list[Record | Arm], bool]:
         state = self.state
@@ -149,13 +172,15 @@ class _ThreadLogic(op.StatefulLogic[_Item, Record | Arm, _ThreadSnap]):
 
     @override
     def on_item(self, value: _Item) -> tuple[list[Record | Arm], bool]:
-        if self.state is None:
-            self.state = ThreadState(value.key, self.ctx)
-        out = self.state.on_command(value.rec, value.command)  # type: ignore[arg-type]  # branched
+        state = self._thawed()
+        if state is None:
+            state = self.state = ThreadState(value.key, self.ctx)
+        out = state.on_command(value.rec, value.command)  # type: ignore[arg-type]  # branched
         return self._done(cast("list[Record | Arm]", out))  # no copy: it only grows here
 
     @override
     def on_notify(self) -> tuple[list[Record | Arm], bool]:
+        self._thawed()
         return self._done([])  # restored out of step with its wheel slot: arm now
 
     @override
@@ -166,11 +191,14 @@ class _ThreadLogic(op.StatefulLogic[_Item, Record | Arm, _ThreadSnap]):
 
     @override
     def snapshot(self) -> _ThreadSnap:
-        data = self.state.snapshot() if self.state is not None else None
-        if data is None or self.state is None:  # cannot happen: such a state is discarded
+        if self.held is not None:
+            return self.held
+        state = self.state
+        data = state.snapshot() if state is not None else None
+        if data is None or state is None or state.journal is None:  # discarded instead
             msg = "kwf: snapshot of a thread with no journal; it should have been discarded"
             raise RuntimeError(msg)
-        return data, self.state.armed
+        return data, state.armed, state.journal.finished
 
 
 _UNKNOWN = float("nan")
