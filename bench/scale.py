@@ -298,8 +298,8 @@ def run_size(brokers: str, n: int, partitions: int, probe: int, workdir: Path,
 
 
 def memory(n: int) -> dict[str, Any]:
-    """In-process, RSS per thread: journal-only as a restart restores them
-    (``ThreadState.restore``, no instance), live, after evicting them all, and after
+    """In-process, RSS per thread: as a restart holds them (``_ThreadLogic`` keeping the
+    snapshot's bytes), journal-only once decoded (``ThreadState.restore``, no instance), live, after evicting them all, and after
     ``malloc_trim``. Each measure adds objects while the earlier ones stay alive."""
     import ctypes
     import gc
@@ -308,11 +308,27 @@ def memory(n: int) -> dict[str, Any]:
     from kwf.testing import Engine
     from kwf.thread import ThreadState
 
+    from kwf.config import Settings
+    from kwf.engine.flow import _ThreadLogic, _Workers
+    from kwf.registry import Registry
+
     one = Engine(workflows=[wait])
     one.send("m", "new:null")
-    blob = encode(one.journal("m"))  # type: ignore[arg-type]
+    journal = one.journal("m")
+    assert journal is not None
+    blob = encode(journal)
+    worker = _Workers(Registry([wait]), Settings()).get()
     gc.collect()
-    base = rss_bytes(os.getpid())
+    start = base = rss_bytes(os.getpid())
+    snaps = []
+    for i in range(n):  # each thread's own bytes, as Bytewax unpickles them
+        journal.thread = f"h{i:07d}"
+        snaps.append((encode(journal), None, False))
+    held = [_ThreadLogic(worker, snap) for snap in snaps]
+    del snaps
+    gc.collect()
+    held_rss = rss_bytes(os.getpid())
+    base = held_rss
     restored = [ThreadState.restore(blob, one.ctx) for _ in range(n)]
     for i, state in enumerate(restored):
         state.key = state.journal.thread = f"r{i:07d}"  # type: ignore[union-attr]
@@ -329,7 +345,8 @@ def memory(n: int) -> dict[str, Any]:
     evicted = rss_bytes(os.getpid())
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     trimmed = rss_bytes(os.getpid())
-    return {"threads": n, "journal_only_bytes_per_thread": round((journal_only - base) / n),
+    return {"threads": n, "restored_held_bytes_per_thread": round((held_rss - start) / n),
+            "journal_only_bytes_per_thread": round((journal_only - base) / n),
             "live_bytes_per_thread": round((live - journal_only) / n),
             "after_evict_bytes_per_thread": round((evicted - journal_only) / n),
             "after_evict_and_trim_bytes_per_thread": round((trimmed - journal_only) / n)}
