@@ -115,7 +115,10 @@ def test_settled_rows_leave_snaps_and_come_back_for_the_next_start(
     assert {"a", "b", "c"} <= settled
     assert _journals(tmp_path) == journals  # the tools read both tables
 
-    assert compact(tmp_path).unsettled == len(settled)  # back in snaps before Bytewax opens it
+    compact(tmp_path)  # the settled table is snaps again before Bytewax opens it
+    with sqlite3.connect(part) as db:
+        assert db.execute("SELECT name FROM sqlite_master WHERE name = ?", (SETTLED,)).fetchone() is None
+    assert settled <= {key for _, key, _ in _rows(tmp_path)}
     second = [*first, (RESUME, "a", STOP, now), (RESUME, "c", STOP, now)]
     out = run_flow(second, workflows=fw.ALL, recovery_dir=tmp_path, epoch_interval=timedelta(0))
     assert [(r.key, r.value) for r in out if r.topic == Settings().result_topic] == [("a", "0")]
@@ -143,3 +146,32 @@ def test_the_settler_process_waits_for_a_new_commit_then_moves_the_rows(
     finally:
         child.kill()
         child.wait()
+
+
+def test_settling_keeps_the_newest_row_of_each_key_and_drops_discarded_keys(tmp_path: Path) -> None:
+    part = tmp_path / "part-0.sqlite3"
+    db = sqlite3.connect(part)
+    db.executescript(f"""
+        CREATE TABLE snaps (created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,
+          step_id TEXT NOT NULL, state_key TEXT NOT NULL, snap_epoch INTEGER NOT NULL,
+          ser_change BLOB, PRIMARY KEY (step_id, state_key, snap_epoch)) STRICT;
+        CREATE TABLE commits (part_index INTEGER PRIMARY KEY, commit_epoch INTEGER NOT NULL);
+        INSERT INTO commits VALUES (0, 6);
+        {recovery._SETTLED_TABLE};
+        INSERT INTO {SETTLED} (step_id, state_key, snap_epoch, ser_change)
+          VALUES ('s', 'x', 2, x'01'), ('s', 'y', 1, x'02'), ('s', 'w', 3, x'03');
+        INSERT INTO snaps (step_id, state_key, snap_epoch, ser_change)
+          VALUES ('s', 'x', 5, NULL), ('s', 'y', 4, x'04'), ('s', 'z', 9, x'05'), ('s', 'v', 5, x'06');
+    """)
+    db.commit()
+    assert settle(part, started=None) == 3  # the rows below the commit epoch
+    settled = db.execute(f"SELECT state_key, snap_epoch FROM {SETTLED} ORDER BY 1").fetchall()
+    hot = db.execute("SELECT state_key, snap_epoch FROM snaps").fetchall()
+    # x was discarded at 5: gone; y superseded by its row at 4; w untouched; z after the commit
+    assert settled == [("v", 5), ("w", 3), ("y", 4)] and hot == [("z", 9)]
+    db.close()
+
+    compact(tmp_path)
+    with sqlite3.connect(part) as db:
+        rows = db.execute("SELECT state_key, snap_epoch, ser_change FROM snaps ORDER BY 1").fetchall()
+    assert rows == [("v", 5, b"\x06"), ("w", 3, b"\x03"), ("y", 4, b"\x04"), ("z", 9, b"\x05")]

@@ -76,31 +76,43 @@ DELETE FROM snaps WHERE snap_epoch <= ?1 AND EXISTS (
 
 
 SETTLED = "kwf_snaps"
-"""kwf's table of settled rows: one per key, the newest older than a commit epoch."""
+"""kwf's table of settled rows: Bytewax's ``snaps`` schema, the newest row of each key older
+than a commit epoch (none for a key whose newest is ``NULL``)."""
 
 _SETTLED_TABLE = f"""
-CREATE TABLE IF NOT EXISTS {SETTLED} (step_id TEXT NOT NULL, state_key TEXT NOT NULL,
-  snap_epoch INTEGER NOT NULL, ser_change BLOB, PRIMARY KEY (step_id, state_key)) STRICT
+CREATE TABLE IF NOT EXISTS {SETTLED} (
+  created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP, step_id TEXT NOT NULL,
+  state_key TEXT NOT NULL, snap_epoch INTEGER NOT NULL, ser_change BLOB,
+  PRIMARY KEY (step_id, state_key, snap_epoch)) STRICT
+"""
+# The same definition as Bytewax 0.21.1's ``snaps`` (recovery.rs migrations): at start the
+# settled table becomes ``snaps`` by a rename instead of a copy of every row.
+
+_COLUMNS = "created_at, step_id, state_key, snap_epoch, ser_change"
+
+_MOVING = f"""
+CREATE TEMP TABLE moving AS SELECT rowid AS rid, {_COLUMNS} FROM snaps
+WHERE snap_epoch < ?1 ORDER BY rowid LIMIT ?2
 """
 
-_UNSETTLE = f"""
-INSERT INTO snaps (step_id, state_key, snap_epoch, ser_change)
-SELECT step_id, state_key, snap_epoch, ser_change FROM {SETTLED} WHERE true
-ON CONFLICT (step_id, state_key, snap_epoch) DO NOTHING
-"""
+_SAME_KEY = "m.step_id = {t}.step_id AND m.state_key = {t}.state_key"
 
-_CHUNK = "rowid IN (SELECT rowid FROM snaps WHERE snap_epoch < ?1 ORDER BY rowid LIMIT ?2)"
+_SETTLE = [
+    # older rows of the moved keys go (Bytewax's GC left one row per key below the commit)
+    f"""DELETE FROM {SETTLED} WHERE EXISTS (SELECT 1 FROM temp.moving AS m WHERE
+        {_SAME_KEY.format(t=SETTLED)} AND m.snap_epoch > {SETTLED}.snap_epoch)""",
+    # the newest moved row of each key, unless NULL (state discarded: the key leaves)
+    f"""INSERT INTO {SETTLED} ({_COLUMNS}) SELECT {_COLUMNS} FROM temp.moving AS n
+        WHERE n.ser_change IS NOT NULL AND NOT EXISTS (SELECT 1 FROM temp.moving AS m WHERE
+        {_SAME_KEY.format(t="n")} AND m.snap_epoch > n.snap_epoch)
+        AND NOT EXISTS (SELECT 1 FROM {SETTLED} AS m WHERE {_SAME_KEY.format(t="n")}
+        AND m.snap_epoch >= n.snap_epoch)""",
+    "DELETE FROM snaps WHERE rowid IN (SELECT rid FROM temp.moving)",
+]
 
 SETTLE_CHUNK = 2_000
 """Rows moved per transaction: Bytewax waits at most 5 s for the write lock, then panics."""
 
-_SETTLE = f"""
-INSERT INTO {SETTLED} (step_id, state_key, snap_epoch, ser_change)
-SELECT step_id, state_key, snap_epoch, ser_change FROM snaps WHERE {_CHUNK}
-ORDER BY snap_epoch
-ON CONFLICT (step_id, state_key) DO UPDATE SET snap_epoch = excluded.snap_epoch,
-  ser_change = excluded.ser_change WHERE excluded.snap_epoch > {SETTLED}.snap_epoch
-"""
 
 def partitions_for(expected_threads: int) -> int:
     """Recovery partitions to create for a node expected to hold ``expected_threads`` threads
@@ -110,33 +122,48 @@ def partitions_for(expected_threads: int) -> int:
 
 @dataclass(frozen=True)
 class Compacted:
-    """What ``compact`` removed, over all partitions."""
+    """What ``compact`` did, over all partitions."""
 
     partitions: int
     dead_nulls: int
     superseded: int
     seconds: float
     unsettled: int = 0
-    """Settled rows moved back to ``snaps`` for Bytewax's loader."""
+    """Rows of ``snaps`` merged into the settled table, which then became ``snaps``."""
 
 
 def compact(recovery_dir: str | Path) -> Compacted:
-    """Delete the rows no restart needs from every partition of ``recovery_dir``; a partition
-    that cannot be compacted is logged and left as it is (a restart is only slower)."""
+    """Give Bytewax back its whole ``snaps`` table (the settled rows included) and delete the
+    rows no restart needs, in every partition of ``recovery_dir``, before Bytewax opens it.
+
+    An error merging the settled rows back stops the start (Bytewax would not see those
+    threads); an error only in the clean-up is logged (a restart is only slower)."""
     start = time.monotonic()
     parts = sorted(Path(recovery_dir).glob("part-*.sqlite3"))
     nulls = superseded = unsettled = 0
     for part in parts:
-        db = sqlite3.connect(part, timeout=30.0)
+        db = sqlite3.connect(part, timeout=30.0, isolation_level=None)
         try:
-            with db:
-                unsettled += _unsettle(db)
-                nulls += db.execute(_DEAD_NULLS).rowcount
-                row = db.execute("SELECT MIN(commit_epoch) FROM commits").fetchone()
-                if row is not None and row[0] is not None:
-                    superseded += db.execute(_SUPERSEDED, (row[0],)).rowcount
-        except sqlite3.Error as e:  # only slower without it: Bytewax says if the file is bad
-            log.warning("recovery_not_compacted", partition=str(part), reason=str(e))
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                merged = _unsettle(db)
+                unsettled += merged or 0
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            # Rows settled while the engine ran need no clean-up: only those that were not
+            hot = "" if merged is None else (
+                " AND (step_id, state_key) IN (SELECT step_id, state_key FROM temp.hot)")
+            try:
+                with db:
+                    db.execute("BEGIN IMMEDIATE")
+                    nulls += db.execute(_DEAD_NULLS + hot).rowcount
+                    epoch = _commit_epoch(db)
+                    if epoch is not None:
+                        superseded += db.execute(_SUPERSEDED + hot, (epoch,)).rowcount
+            except sqlite3.Error as e:  # only slower without it
+                log.warning("recovery_not_compacted", partition=str(part), reason=str(e))
         finally:
             db.close()
     done = Compacted(len(parts), nulls, superseded, time.monotonic() - start, unsettled)
@@ -151,13 +178,20 @@ def _has_settled(db: sqlite3.Connection) -> bool:
                       (SETTLED,)).fetchone() is not None
 
 
-def _unsettle(db: sqlite3.Connection) -> int:
-    """Move every settled row back to ``snaps`` (inside the caller's transaction)."""
+def _unsettle(db: sqlite3.Connection) -> int | None:
+    """Make ``snaps`` the union of both tables again (inside the caller's transaction): the
+    few rows of ``snaps`` join the settled ones, and the settled table takes its name.
+    Returns the settled rows, or None when there is no settled table."""
     if not _has_settled(db):
-        return 0
-    moved = db.execute(_UNSETTLE).rowcount
-    db.execute(f"DELETE FROM {SETTLED}")  # noqa: S608 - a constant
-    return moved
+        return None
+    merged = db.execute(f"INSERT INTO {SETTLED} ({_COLUMNS}) SELECT {_COLUMNS} "  # noqa: S608
+                        "FROM snaps WHERE true ON CONFLICT DO NOTHING").rowcount
+    db.execute("CREATE TEMP TABLE IF NOT EXISTS hot (step_id TEXT, state_key TEXT)")
+    db.execute("DELETE FROM temp.hot")
+    db.execute("INSERT INTO temp.hot SELECT DISTINCT step_id, state_key FROM snaps")
+    db.execute("DROP TABLE snaps")
+    db.execute(f"ALTER TABLE {SETTLED} RENAME TO snaps")
+    return int(merged)
 
 
 def _commit_epoch(db: sqlite3.Connection) -> int | None:
@@ -170,8 +204,9 @@ def settle(part: Path | str, started: int | None) -> int:
     has committed past ``started`` (its commit epoch when the engine started: until then
     Bytewax's loader may still be paging through ``snaps``). Returns the rows moved.
 
-    A ``NULL`` row (state discarded) is kept like any other, so that an older row moved later
-    cannot bring the state back; ``compact`` drops it at the next start."""
+    Bytewax's garbage collection, in the same transaction as its commit, left at most one row
+    below the commit epoch per key: that row supersedes the key's settled row, and a ``NULL``
+    one (state discarded) removes the key."""
     db = sqlite3.connect(part, timeout=30.0, isolation_level=None)
     moved = 0
     try:
@@ -183,9 +218,11 @@ def settle(part: Path | str, started: int | None) -> int:
                     db.execute("ROLLBACK")
                     return moved
                 db.execute(_SETTLED_TABLE)
-                db.execute(_SETTLE, (epoch, SETTLE_CHUNK))
-                chunk = db.execute(f"DELETE FROM snaps WHERE {_CHUNK}",  # noqa: S608 - constant
-                                   (epoch, SETTLE_CHUNK)).rowcount
+                db.execute("DROP TABLE IF EXISTS temp.moving")
+                db.execute(_MOVING, (epoch, SETTLE_CHUNK))
+                for statement in _SETTLE:
+                    db.execute(statement)
+                chunk = int(db.execute("SELECT COUNT(*) FROM temp.moving").fetchone()[0])
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
