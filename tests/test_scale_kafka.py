@@ -19,12 +19,13 @@ pytestmark = pytest.mark.kafka
 def test_kill_9_during_firings_and_during_restarts_loses_nothing(
         world: World, engines: list[Engine]) -> None:
     s, n = world.settings, 300
-    carts = [f"cart-{i}" for i in range(n)]  # abandoned by their timers, all due together
+    carts = [f"cart-{i}" for i in range(n)]  # abandoned by their timers, all due together (8 s:
+    # time for the settler to move every thread out of Bytewax's table first)
     notes = [f"note-{i}" for i in range(n)]  # wait for a signal through the restarts
     engine = world.engine().start()
     engines.append(engine)
     for key in carts:
-        world.producer.produce(s.resume_topic, key=key, value='new:fcart:{"timeout": 4}')
+        world.producer.produce(s.resume_topic, key=key, value='new:fcart:{"timeout": 8}')
     for key in notes:
         world.producer.produce(s.resume_topic, key=key, value="new:fnotify:{}")
     world.producer.flush(10)
