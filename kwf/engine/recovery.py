@@ -207,31 +207,41 @@ def settle(part: Path | str, started: int | None) -> int:
     Bytewax's garbage collection, in the same transaction as its commit, left at most one row
     below the commit epoch per key: that row supersedes the key's settled row, and a ``NULL``
     one (state discarded) removes the key."""
-    db = sqlite3.connect(part, timeout=30.0, isolation_level=None)
-    moved = 0
+    db = _connect(part)
     try:
-        while True:
-            db.execute("BEGIN IMMEDIATE")  # the write lock first: Bytewax's writes wait for it
-            try:
-                epoch = _commit_epoch(db)
-                if epoch is None or (started is not None and epoch <= started):
-                    db.execute("ROLLBACK")
-                    return moved
-                db.execute(_SETTLED_TABLE)
-                db.execute("DROP TABLE IF EXISTS temp.moving")
-                db.execute(_MOVING, (epoch, SETTLE_CHUNK))
-                for statement in _SETTLE:
-                    db.execute(statement)
-                chunk = int(db.execute("SELECT COUNT(*) FROM temp.moving").fetchone()[0])
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            moved += chunk
-            if chunk < SETTLE_CHUNK:
-                return moved
+        return _settle_on(db, started)
     finally:
         db.close()
+
+
+def _connect(part: Path | str) -> sqlite3.Connection:
+    return sqlite3.connect(part, timeout=30.0, isolation_level=None)
+
+
+def _settle_on(db: sqlite3.Connection, started: int | None) -> int:
+    epoch = _commit_epoch(db)  # read without the write lock first: most passes find nothing
+    if epoch is None or (started is not None and epoch <= started) or db.execute(
+            "SELECT 1 FROM snaps WHERE snap_epoch < ? LIMIT 1", (epoch,)).fetchone() is None:
+        return 0
+    moved = 0
+    while True:
+        db.execute("BEGIN IMMEDIATE")  # the write lock: Bytewax's writes wait for it
+        try:
+            epoch = _commit_epoch(db)
+            assert epoch is not None  # commits only move forward
+            db.execute(_SETTLED_TABLE)
+            db.execute("DROP TABLE IF EXISTS temp.moving")
+            db.execute(_MOVING, (epoch, SETTLE_CHUNK))
+            for statement in _SETTLE:
+                db.execute(statement)
+            chunk = int(db.execute("SELECT COUNT(*) FROM temp.moving").fetchone()[0])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        moved += chunk
+        if chunk < SETTLE_CHUNK:
+            return moved
 
 
 SETTLE_EVERY_S = 2.0
@@ -265,14 +275,16 @@ def _die_with_parent(parent: int) -> None:
         sys.exit(0)
 
 
-def _settle_all(parts: dict[Path, int | None]) -> int:
-    """One pass over the partitions; a partition that fails is logged and retried later."""
+def _settle_all(parts: dict[Path, int | None], dbs: dict[Path, sqlite3.Connection]) -> int:
+    """One pass over the partitions (connections kept open between passes); a partition that
+    fails is logged and retried later."""
     moved = 0
     for part, started in parts.items():
         if os.getppid() != _PARENT[0]:  # the engine is gone: a restart may be compacting
             sys.exit(0)
         try:
-            moved += settle(part, started)
+            db = dbs.get(part) or dbs.setdefault(part, _connect(part))
+            moved += _settle_on(db, started)
         except sqlite3.Error as e:  # only slower GC without it; the next pass retries
             log.warning("recovery_not_settled", partition=str(part), reason=str(e))
     return moved
@@ -301,10 +313,11 @@ def _settler_main(recovery_dir: str, parent: int, started: dict[str, int | None]
         wrapper_class=structlog.make_filtering_bound_logger(20),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     parts = {Path(recovery_dir) / name: epoch for name, epoch in started.items()}
+    dbs: dict[Path, sqlite3.Connection] = {}
     while os.getppid() == parent:
         time.sleep(SETTLE_EVERY_S)
         start = time.monotonic()
-        moved = _settle_all(parts)
+        moved = _settle_all(parts, dbs)
         if moved > 10_000:  # after a start: every row moves once
             log.info("recovery_settled", rows=moved, seconds=round(time.monotonic() - start, 3))
 
