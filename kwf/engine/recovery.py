@@ -95,23 +95,26 @@ CREATE TEMP TABLE moving AS SELECT rowid AS rid, {_COLUMNS} FROM snaps
 WHERE snap_epoch < ?1 ORDER BY rowid LIMIT ?2
 """
 
-_SAME_KEY = "m.step_id = {t}.step_id AND m.state_key = {t}.state_key"
+_MOVING_INDEX = "CREATE INDEX temp.moving_key ON moving (step_id, state_key, snap_epoch)"
 
 _SETTLE = [
-    # older rows of the moved keys go (Bytewax's GC left one row per key below the commit)
-    f"""DELETE FROM {SETTLED} WHERE EXISTS (SELECT 1 FROM temp.moving AS m WHERE
-        {_SAME_KEY.format(t=SETTLED)} AND m.snap_epoch > {SETTLED}.snap_epoch)""",
+    # older rows of the moved keys go (Bytewax's GC left one row per key below the commit);
+    # driven by the chunk, through the primary key: never a scan of the settled table
+    f"""DELETE FROM {SETTLED} WHERE rowid IN (SELECT k.rowid FROM temp.moving AS m
+        JOIN {SETTLED} AS k ON k.step_id = m.step_id AND k.state_key = m.state_key
+        AND k.snap_epoch < m.snap_epoch)""",
     # the newest moved row of each key, unless NULL (state discarded: the key leaves)
     f"""INSERT INTO {SETTLED} ({_COLUMNS}) SELECT {_COLUMNS} FROM temp.moving AS n
         WHERE n.ser_change IS NOT NULL AND NOT EXISTS (SELECT 1 FROM temp.moving AS m WHERE
-        {_SAME_KEY.format(t="n")} AND m.snap_epoch > n.snap_epoch)
-        AND NOT EXISTS (SELECT 1 FROM {SETTLED} AS m WHERE {_SAME_KEY.format(t="n")}
-        AND m.snap_epoch >= n.snap_epoch)""",
+        m.step_id = n.step_id AND m.state_key = n.state_key AND m.snap_epoch > n.snap_epoch)
+        AND NOT EXISTS (SELECT 1 FROM {SETTLED} AS k WHERE k.step_id = n.step_id
+        AND k.state_key = n.state_key AND k.snap_epoch >= n.snap_epoch)""",
     "DELETE FROM snaps WHERE rowid IN (SELECT rid FROM temp.moving)",
 ]
 
-SETTLE_CHUNK = 2_000
-"""Rows moved per transaction: Bytewax waits at most 5 s for the write lock, then panics."""
+SETTLE_CHUNK = 500
+"""Rows moved per transaction (a few ms each): Bytewax waits at most 5 s for the write lock,
+then panics (``recovery.rs`` unwraps ``SQLITE_BUSY``)."""
 
 
 def partitions_for(expected_threads: int) -> int:
@@ -232,6 +235,7 @@ def _settle_on(db: sqlite3.Connection, started: int | None) -> int:
             db.execute(_SETTLED_TABLE)
             db.execute("DROP TABLE IF EXISTS temp.moving")
             db.execute(_MOVING, (epoch, SETTLE_CHUNK))
+            db.execute(_MOVING_INDEX)
             for statement in _SETTLE:
                 db.execute(statement)
             chunk = int(db.execute("SELECT COUNT(*) FROM temp.moving").fetchone()[0])
