@@ -148,6 +148,7 @@ class _ThreadLogic(op.StatefulLogic[_Item, Record | Arm, _ThreadSnap]):
             self.held = resume
             self.ctx.journals += 1  # counted as ThreadState.restore will count it
             self.ctx.tombstones += resume[2]
+            _restored()
         elif resume is not None:  # an older snapshot: decoded now, re-armed by notify_at
             data, armed = resume if isinstance(resume, tuple) else (resume, _UNKNOWN)
             self.state = ThreadState.restore(data, self.ctx)
@@ -199,6 +200,22 @@ class _ThreadLogic(op.StatefulLogic[_Item, Record | Arm, _ThreadSnap]):
             msg = "kwf: snapshot of a thread with no journal; it should have been discarded"
             raise RuntimeError(msg)
         return data, state.armed, state.journal.finished
+
+
+FREEZE_EVERY = 10_000
+"""Restored threads between two ``gc.freeze()``: see ``_restored``."""
+
+_restores = [0]
+
+
+def _restored() -> None:
+    """Count a restored thread; every ``FREEZE_EVERY``, move every object alive to the
+    collector's permanent generation. A full collection walks every tracked object: with
+    200,000 restored threads, 0.34 s each, several times a minute while records arrive. These
+    objects form no cycles, so reference counting still frees them when their thread goes."""
+    _restores[0] += 1
+    if _restores[0] % FREEZE_EVERY == 0:
+        gc.freeze()
 
 
 _UNKNOWN = float("nan")
