@@ -10,7 +10,9 @@ one worker) on a real broker and measures, writing one JSON document (``--out``)
    engine starts again: seconds from spawn to that thread's result (restart to first new
    output), and the RSS once restored (every thread journal-only).
 3. **probe**: with all of them waiting or finished, ``--probe`` fresh threads start and are
-   resumed: records applied per second (compare across N; the goal is >= 80% of the 10k rate).
+   resumed: records applied per second, and the engine's CPU per record (its own and its
+   settler's: comparable on a shared machine, where rates are not). Compare across N; the
+   goal is >= 80% of the 10k rate.
 4. **completions**: every channel-waiting thread is resumed: results per second after a restart.
 
 ``--loader ROWS:PARTITIONS,...`` times Bytewax's restart query alone, with and without an
@@ -26,6 +28,7 @@ __main__.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import asyncio
 import json
 import os
@@ -38,6 +41,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import kwf
@@ -73,6 +77,21 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and its children alive now (the settler)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    pids = [pid, *(int(c) for c in children.read_text().split())] if children.exists() else [pid]
+    for one in pids:
+        try:
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def store_size(recovery: Path) -> tuple[int, int]:
     """Bytes on disk (WAL included) and rows in ``snaps`` over all partitions."""
     size = sum(p.stat().st_size for p in recovery.iterdir() if p.is_file())
@@ -80,6 +99,8 @@ def store_size(recovery: Path) -> tuple[int, int]:
     for part in recovery.glob("part-*.sqlite3"):
         db = sqlite3.connect(f"file:{part}?mode=ro", uri=True, timeout=30)
         rows += db.execute("SELECT COUNT(*) FROM snaps").fetchone()[0]
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'kwf_snaps'").fetchone():
+            rows += db.execute("SELECT COUNT(*) FROM kwf_snaps").fetchone()[0]
         db.close()
     return size, rows
 
@@ -114,18 +135,28 @@ class Watcher:
             return sum(1 for t, k in self.seen if t == topic and k.startswith(prefix))
 
     def wait_for(self, topic: str, keys: list[str], timeout: float) -> list[float]:
-        """Arrival times of ``keys`` on ``topic`` once all are seen (``TimeoutError`` if not)."""
+        """Arrival times of ``keys`` on ``topic`` once all are seen (``TimeoutError`` if not).
+
+        Only keys not seen yet are looked up again (2M keys polled whole would eat a core),
+        and progress goes to stderr every 30 s."""
         deadline = time.monotonic() + timeout
+        pending = set(keys)
+        report = time.monotonic() + 30
         while True:
             with self.lock:
-                got = [self.seen.get((topic, k)) for k in keys]
-            if all(g is not None for g in got):
-                return [g for g in got if g is not None]
-            if time.monotonic() > deadline:
-                missing = sum(g is None for g in got)
-                msg = f"{missing} of {len(keys)} keys never reached {topic}"
+                pending = {k for k in pending if (topic, k) not in self.seen}
+            if not pending:
+                with self.lock:
+                    return [self.seen[(topic, k)] for k in keys]
+            now = time.monotonic()
+            if now > deadline:
+                msg = f"{len(pending)} of {len(keys)} keys never reached {topic}"
                 raise TimeoutError(msg)
-            time.sleep(0.01)
+            if now > report:
+                report = now + 30
+                print(f"{time.strftime('%H:%M:%S')} {topic}: {len(keys) - len(pending)} of "
+                      f"{len(keys)}", file=sys.stderr, flush=True)
+            time.sleep(0.01 if len(pending) < 1000 else 0.5)
 
     def close(self) -> None:
         self.stop = True
@@ -155,7 +186,8 @@ class Bench:
         self.recovery.mkdir()
         subprocess.run([sys.executable, "-m", "bytewax.recovery", str(self.recovery),
                         str(partitions)], check=True, env=self.env)
-        self.log = (workdir / f"engine-{n}.log").open("ab")
+        self.log_path = workdir / f"engine-{n}.log"
+        self.log = self.log_path.open("ab")
         self.engine: subprocess.Popen[bytes] | None = None
 
     def produce(self, items: list[tuple[str, str]]) -> None:
@@ -183,12 +215,26 @@ class Bench:
             self.engine.send_signal(signal.SIGKILL)
             self.engine.wait()
 
+    def compacted_s(self) -> float | None:
+        """Seconds of the last start's ``compact`` (moving settled rows back, dropping dead
+        ones), from the engine's log."""
+        seconds = None
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if '"recovery_compacted"' in line:
+                with contextlib.suppress(ValueError):
+                    seconds = json.loads(line).get("seconds")
+        return seconds
+
     def rss(self) -> int:
         assert self.engine is not None
         return rss_bytes(self.engine.pid)
 
 
-def run_size(brokers: str, n: int, partitions: int, probe: int, workdir: Path) -> dict[str, Any]:
+def run_size(brokers: str, n: int, partitions: int, probe: int, workdir: Path,
+             completions: int | None = None,
+             save: Callable[[dict[str, Any]], None] = lambda _: None) -> dict[str, Any]:
+    """One size; ``save`` gets the figures so far after each phase (a 1M run takes an hour),
+    ``completions`` caps how many waiting threads phase 4 resumes."""
     b = Bench(brokers, n, partitions, 3, workdir)
     s = b.settings
     half = n // 2
@@ -196,6 +242,11 @@ def run_size(brokers: str, n: int, partitions: int, probe: int, workdir: Path) -
     napping = [f"n{i}" for i in range(n - half)]
     finished = [f"d{i}" for i in range(n)]
     out: dict[str, Any] = {"n": n, "recovery_partitions": partitions}
+
+    def phase(name: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} n={n}: {name}", file=sys.stderr, flush=True)
+        save(out)
+
     b.produce([(k, "new:scale-wait:null") for k in waiting]
               + [(k, "new:scale-nap:null") for k in napping]
               + [(k, "new:scale-done:null") for k in finished])
@@ -209,28 +260,37 @@ def run_size(brokers: str, n: int, partitions: int, probe: int, workdir: Path) -
         out["rss_after_starts_mb"] = round(b.rss() / 2**20, 1)
         size, rows = store_size(b.recovery)
         out.update(recovery_bytes=size, recovery_rows=rows)
+        phase("started")
         b.kill()
 
         b.produce([(waiting[0], json.dumps({"ref": "go", "value": 1}))])
         t1 = b.start()
         (first,) = watch.wait_for(s.result_topic, [waiting[0]], timeout=7200)
         out["restart_to_first_result_s"] = round(first - t1, 2)
+        out["restart_compact_s"] = b.compacted_s()
         time.sleep(1)
         out["rss_restored_mb"] = round(b.rss() / 2**20, 1)
+        phase("restarted")
 
         probes = [f"p{i}" for i in range(probe)]
+        assert b.engine is not None
+        cpu = cpu_seconds(b.engine.pid)
         tp = time.time()
         b.produce([(k, "new:scale-wait:null") for k in probes]
                   + [(k, json.dumps({"ref": "go", "value": 1})) for k in probes])
         got = watch.wait_for(s.result_topic, probes, timeout=3600)
         out["probe_records_per_s"] = round(2 * probe / (max(got) - tp), 1)
+        out["probe_cpu_us_per_record"] = round(
+            (cpu_seconds(b.engine.pid) - cpu) / (2 * probe) * 1e6, 1)
+        phase("probed")
 
-        rest = waiting[1:]
+        rest = waiting[1:completions]
         tc = time.time()
         b.produce([(k, json.dumps({"ref": "go", "value": 1})) for k in rest])
         got = watch.wait_for(s.result_topic, rest, timeout=7200)
         out["completions_per_s"] = round(len(rest) / (max(got) - tc), 1)
         out["rss_after_completions_mb"] = round(b.rss() / 2**20, 1)
+        phase("completed")
     finally:
         b.kill()
         watch.close()
@@ -238,8 +298,8 @@ def run_size(brokers: str, n: int, partitions: int, probe: int, workdir: Path) -
 
 
 def memory(n: int) -> dict[str, Any]:
-    """In-process, RSS per thread: journal-only as a restart restores them
-    (``ThreadState.restore``, no instance), live, after evicting them all, and after
+    """In-process, RSS per thread: as a restart holds them (``_ThreadLogic`` keeping the
+    snapshot's bytes), journal-only once decoded (``ThreadState.restore``, no instance), live, after evicting them all, and after
     ``malloc_trim``. Each measure adds objects while the earlier ones stay alive."""
     import ctypes
     import gc
@@ -248,11 +308,27 @@ def memory(n: int) -> dict[str, Any]:
     from kwf.testing import Engine
     from kwf.thread import ThreadState
 
+    from kwf.config import Settings
+    from kwf.engine.flow import _ThreadLogic, _Workers
+    from kwf.registry import Registry
+
     one = Engine(workflows=[wait])
     one.send("m", "new:null")
-    blob = encode(one.journal("m"))  # type: ignore[arg-type]
+    journal = one.journal("m")
+    assert journal is not None
+    blob = encode(journal)
+    worker = _Workers(Registry([wait]), Settings()).get()
     gc.collect()
-    base = rss_bytes(os.getpid())
+    start = base = rss_bytes(os.getpid())
+    snaps = []
+    for i in range(n):  # each thread's own bytes, as Bytewax unpickles them
+        journal.thread = f"h{i:07d}"
+        snaps.append((encode(journal), None, False))
+    held = [_ThreadLogic(worker, snap) for snap in snaps]
+    del snaps
+    gc.collect()
+    held_rss = rss_bytes(os.getpid())
+    base = held_rss
     restored = [ThreadState.restore(blob, one.ctx) for _ in range(n)]
     for i, state in enumerate(restored):
         state.key = state.journal.thread = f"r{i:07d}"  # type: ignore[union-attr]
@@ -269,7 +345,8 @@ def memory(n: int) -> dict[str, Any]:
     evicted = rss_bytes(os.getpid())
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     trimmed = rss_bytes(os.getpid())
-    return {"threads": n, "journal_only_bytes_per_thread": round((journal_only - base) / n),
+    return {"threads": n, "restored_held_bytes_per_thread": round((held_rss - start) / n),
+            "journal_only_bytes_per_thread": round((journal_only - base) / n),
             "live_bytes_per_thread": round((live - journal_only) / n),
             "after_evict_bytes_per_thread": round((evicted - journal_only) / n),
             "after_evict_and_trim_bytes_per_thread": round((trimmed - journal_only) / n)}
@@ -329,6 +406,10 @@ def main() -> None:
     parser.add_argument("--memory", type=int, default=0, help="threads for the in-process measure")
     parser.add_argument("--loader", default="",
                         help="rows:partitions[,...]: time Bytewax's restart query alone")
+    parser.add_argument("--completions", type=int, default=0,
+                        help="resume at most this many waiting threads in phase 4 (0: all)")
+    parser.add_argument("--workdir", default=None,
+                        help="keep stores and engine logs here (default: a temporary directory)")
     parser.add_argument("--out", default="bench-scale.json")
     args = parser.parse_args()
     result: dict[str, Any] = {"uptime": subprocess.run(["uptime"], capture_output=True,
@@ -336,7 +417,9 @@ def main() -> None:
     if args.memory:
         result["memory"] = memory(args.memory)
         print(json.dumps(result["memory"]), flush=True)
-    with tempfile.TemporaryDirectory(prefix="kwf-scale-") as tmp:
+    kept = args.workdir and contextlib.nullcontext(tempfile.mkdtemp(prefix="kwf-scale-",
+                                                                    dir=args.workdir))
+    with kept or tempfile.TemporaryDirectory(prefix="kwf-scale-") as tmp:
         for spec in filter(None, args.loader.split(",")):
             rows, parts = (int(x) for x in spec.split(":"))
             for index in (False, True):
@@ -345,7 +428,12 @@ def main() -> None:
                 result.setdefault("loader", []).append(one)
         for n in (int(x) for x in args.sizes.split(",") if x):
             parts = partitions_for(2 * n) if args.partitions == "auto" else int(args.partitions)
-            one = run_size(args.brokers, n, parts, args.probe, Path(tmp))
+            def save(partial: dict[str, Any]) -> None:
+                Path(args.out).write_text(json.dumps(
+                    {**result, "sizes": [*result["sizes"], partial]}, indent=2))
+
+            one = run_size(args.brokers, n, parts, args.probe, Path(tmp),
+                           args.completions or None, save)
             one["uptime_after"] = subprocess.run(["uptime"], capture_output=True,
                                                  text=True).stdout.strip()
             print(json.dumps(one), flush=True)

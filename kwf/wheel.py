@@ -54,6 +54,13 @@ class WheelState:
         self._heap = [(due, thread) for thread, due in self.entries.items()]
         heapq.heapify(self._heap)
 
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+    def dump(self) -> dict[str, float]:
+        """What the slot's snapshot holds (with its key): thread → due time."""
+        return dict(self.entries)
+
     def on_arm(self, arm: Arm) -> None:
         if arm.due is None:
             self.entries.pop(arm.thread, None)

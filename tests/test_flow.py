@@ -315,12 +315,13 @@ def test_snapshots_hold_bytes_and_builtins_only(tmp_path: Path) -> None:
         assert _globals_in(blob) == [], (step, key)
         state = pickle.loads(blob)
         if step == "kwf.thread.stateful_batch":  # the journal, and the wakeup its wheel slot holds
-            journal, armed = state
+            journal, armed, finished = state
             assert isinstance(journal, bytes) and armed == (FUTURE + 30 if key == "t2" else None)
+            assert finished is False
         elif step == "kwf.wheel.stateful_batch":  # the timer is held by a slot, not the thread
             assert state == (slot_of("t2"), {"t2": FUTURE + 30})
-        elif step == "kwf.scheduler.stateful_batch":
-            assert state == ("t1", {'{"ref": "x"}': FUTURE + 10**9})
+        elif step == "kwf.scheduler.stateful_batch":  # the scheduler keys of one wheel slot
+            assert state == (slot_of("t1"), {"t1": {'{"ref": "x"}': FUTURE + 10**9}})
 
 
 def test_engine_refuses_to_start_within_10_s_when_brokers_are_unreachable(tmp_path: Path) -> None:

@@ -16,6 +16,9 @@ from pathlib import Path
 from kwf.journal import Journal, decode
 
 THREAD_STEP = "kwf.thread.stateful_batch"
+SETTLED = "kwf_snaps"
+"""The engine's table of settled rows beside Bytewax's ``snaps`` (``kwf.engine.recovery``;
+the tools never import the engine)."""
 """The recovery key of the per-thread step (flow id ``kwf``, step ``thread``)."""
 
 
@@ -39,14 +42,19 @@ def partitions(recovery_dir: str | Path) -> list[Path]:
 def _rows(part: Path, keys: Iterable[str] | None) -> Iterator[tuple[str, bytes]]:
     db = sqlite3.connect(f"file:{part}?mode=ro", uri=True, timeout=10.0)
     try:
-        query = ("SELECT state_key, ser_change FROM snaps AS s WHERE step_id = ? AND snap_epoch = "
-                 "(SELECT MAX(snap_epoch) FROM snaps WHERE step_id = s.step_id "
-                 "AND state_key = s.state_key)")
-        args: list[str] = [THREAD_STEP]
-        wanted = None if keys is None else list(keys)
-        if wanted is not None:
-            query += f" AND state_key IN ({','.join('?' * len(wanted))})"
+        settled = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                             (SETTLED,)).fetchone()
+        rows = "snaps" if settled is None else (  # rows the engine settled (kwf.engine.recovery)
+            "(SELECT step_id, state_key, snap_epoch, ser_change FROM snaps "
+            f"UNION ALL SELECT step_id, state_key, snap_epoch, ser_change FROM {SETTLED})")
+        where, args = "step_id = ?", [THREAD_STEP]
+        if keys is not None:
+            wanted = list(keys)
+            where += f" AND state_key IN ({','.join('?' * len(wanted))})"
             args += wanted
+        query = ("SELECT state_key, ser_change FROM (SELECT state_key, ser_change, ROW_NUMBER() "
+                 "OVER (PARTITION BY state_key ORDER BY snap_epoch DESC) AS newest "
+                 f"FROM {rows} WHERE {where}) WHERE newest = 1")  # noqa: S608 - no input in it
         for key, data in db.execute(query, args):
             if data is not None:  # a tombstone row: the thread's state was discarded
                 yield key, data

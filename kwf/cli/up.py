@@ -108,7 +108,7 @@ def register_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     run.add_argument("-w", "--workers", type=int, default=1, help="worker threads")
     run.add_argument("--threads", type=int, default=1_000_000,
                      help="threads this node is expected to hold, waiting or finished within "
-                          "retention: one recovery partition per 10,000 when the directory is "
+                          "retention: one recovery partition per 5,000 when the directory is "
                           "created, fixed for ever (%(default)s)")
     run.add_argument("--partitions", type=int,
                      default=int(os.environ.get("KWF_RECOVERY_PARTITIONS") or 0) or None,

@@ -28,7 +28,7 @@ def engine_flow() -> Any:
     from kwf.config import Settings
     from kwf.engine import logs
     from kwf.engine._startup import guard, launch_from_argv
-    from kwf.engine.recovery import compact
+    from kwf.engine.recovery import compact, start_settler
     from kwf.engine.admin import KafkaSetupError
     from kwf.registry import Registry
 
@@ -40,6 +40,7 @@ def engine_flow() -> Any:
         guard(settings, Registry(None, settings.default_workflow), launch)
         if launch is not None and launch.recovery is not None:
             compact(launch.recovery)  # before Bytewax opens it: its loader pays for every row
+            start_settler(launch.recovery)  # keeps Bytewax's per-commit GC small
         return flow
     except (KafkaSetupError, StartupError) as e:
         structlog.get_logger("kwf.engine").error("engine_not_started", reason=str(e),

@@ -1,20 +1,23 @@
 """The timer wheel's Bytewax step: one ``op.stateful`` logic per wheel slot (``kwf.wheel``).
 
-Only these keys hold a Bytewax wakeup for durable timers and tombstone expiries (plus the
-``workflow-scheduler`` keys), however many threads wait. The input clock is consumed through
+Only these keys hold a Bytewax wakeup for durable timers and tombstone expiries, and the
+``workflow-scheduler`` entries are held the same way (``ScheduleSlot``: the scheduler keys of
+one slot), so at most ``2 × SLOTS`` keys hold a wakeup however many threads and entries wait. The input clock is consumed through
 ``TimerClock`` alone: the time up to which due timers may fire, and when Bytewax should call
 back for a due time, so that the clock's implementation can change without touching this.
 """
 
 from __future__ import annotations
 
+import heapq
 from datetime import datetime
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import bytewax.operators as op
 from typing_extensions import override
 
-from kwf.protocol import Record
+from kwf.protocol import Record, Schedule
+from kwf.thread import ScheduleState
 from kwf.wheel import Arm, WheelState, slot_of
 
 
@@ -34,9 +37,12 @@ class _Due(Protocol):
     """Due times that fire records to ``workflow-resume``, under one Bytewax key."""
 
     key: str
-    entries: dict[str, float]
+
+    def __bool__(self) -> bool: ...
 
     def wakeup(self) -> float | None: ...
+
+    def dump(self) -> Any: ...
 
     def on_timer(self, now: float, resume_topic: str) -> list[Record]: ...
 
@@ -47,12 +53,12 @@ S = TypeVar("S", bound=_Due)
 """The key's state: a ``WheelState`` slot, or a ``ScheduleState``."""
 
 
-class DueLogic(op.StatefulLogic[V, Record, tuple[str, dict[str, float]]], Generic[V, S]):
+class DueLogic(op.StatefulLogic[V, Record, tuple[str, Any]], Generic[V, S]):
     """Bytewax's handle on one key of due times: a wheel slot, or a ``workflow-scheduler`` key.
 
     Both fire records to ``workflow-resume`` once the input clock reaches their due time, and
-    both snapshot ``(key, entries)`` (builders are not given the key). Subclasses say how an
-    item changes the state (``_add``).
+    both snapshot ``(key, entries)`` (builders are not given the key; ``dump``). Subclasses say
+    how an item changes the state (``_add``).
     """
 
     def __init__(self, resume_topic: str, clock: TimerClock, state: S | None) -> None:
@@ -64,7 +70,7 @@ class DueLogic(op.StatefulLogic[V, Record, tuple[str, dict[str, float]]], Generi
         raise NotImplementedError
 
     def _done(self, records: list[Record]) -> tuple[list[Record], bool]:
-        empty = self.state is None or not self.state.entries
+        empty = self.state is None or not self.state
         return records, self.DISCARD if empty else self.RETAIN
 
     @override
@@ -83,9 +89,9 @@ class DueLogic(op.StatefulLogic[V, Record, tuple[str, dict[str, float]]], Generi
         return self.clock.notify_at(self.state.wakeup()) if self.state is not None else None
 
     @override
-    def snapshot(self) -> tuple[str, dict[str, float]]:
+    def snapshot(self) -> tuple[str, Any]:
         assert self.state is not None
-        return self.state.key, dict(self.state.entries)
+        return self.state.key, self.state.dump()
 
 
 class WheelLogic(DueLogic[Arm, WheelState]):
@@ -101,3 +107,59 @@ class WheelLogic(DueLogic[Arm, WheelState]):
             state = WheelState(slot_of(value.thread))
         state.on_arm(value)
         return state
+
+
+class ScheduleSlot:
+    """The ``workflow-scheduler`` keys of one wheel slot (``ScheduleState`` each, the rules of
+    the scheduler), and a heap to find the soonest: one Bytewax wakeup for all of them."""
+
+    def __init__(self, key: str, entries: dict[str, dict[str, float]] | None = None) -> None:
+        self.key = key
+        self.states = {k: ScheduleState(k, dict(e)) for k, e in (entries or {}).items()}
+        self._heap: list[tuple[float, str]] = []
+        for k in self.states:
+            self._push(k)
+
+    def __bool__(self) -> bool:
+        return bool(self.states)
+
+    def _push(self, key: str) -> None:
+        due = self.states[key].wakeup()
+        if due is not None:
+            heapq.heappush(self._heap, (due, key))
+
+    def on_schedule(self, key: str, schedule: Schedule) -> None:
+        state = self.states.get(key) or self.states.setdefault(key, ScheduleState(key))
+        state.on_schedule(schedule)
+        if not state.entries:
+            del self.states[key]
+        else:
+            self._push(key)
+        if len(self._heap) > 2 * len(self.states) + 64:  # stale items: rebuild
+            self._heap = []
+            for k in self.states:
+                self._push(k)
+
+    def wakeup(self) -> float | None:
+        heap = self._heap
+        while heap:
+            state = self.states.get(heap[0][1])
+            if state is not None and state.wakeup() == heap[0][0]:
+                return heap[0][0]
+            heapq.heappop(heap)
+        return None
+
+    def on_timer(self, now: float, resume_topic: str) -> list[Record]:
+        out: list[Record] = []
+        while (due := self.wakeup()) is not None and due <= now:
+            _, key = heapq.heappop(self._heap)
+            state = self.states[key]
+            out += state.on_timer(now, resume_topic)
+            if state.entries:
+                self._push(key)
+            else:
+                del self.states[key]
+        return out
+
+    def dump(self) -> dict[str, dict[str, float]]:
+        return {k: dict(state.entries) for k, state in self.states.items()}
