@@ -25,7 +25,8 @@ from kwf.errors import NonDeterminismError, RemoteError
 from kwf.journal import (CANCELLED, COMPLETED, CONTINUED, ERROR, FAILED, RESUME, RUNNING, TIMER,
                          Check, Event, Journal)
 from kwf.loop import WorkflowLoop, _Future
-from kwf.protocol import MAX_KEY_BYTES, Record, child_value, dumps, output_record
+from kwf.protocol import (MAX_KEY_BYTES, Record, child_value, dumps, output_record,
+                          status_json)
 from kwf.registry import Workflow, check_name
 
 log = structlog.get_logger("kwf.instance")
@@ -400,17 +401,17 @@ class Instance:
                    "use kwf.output_json for other values")
             raise TypeError(msg)
         extra = tuple(headers) if headers else ()
-        if not (key is None or isinstance(key, str)) or not all(
+        if not (key is None or isinstance(key, str)) or extra and not all(
                 isinstance(h, tuple) and len(h) == 2 and isinstance(h[0], str)
                 and isinstance(h[1], (str, bytes)) for h in extra):
             msg = "kwf.output key must be str or None, headers (str, str | bytes) pairs"
             raise TypeError(msg)
         # Refused here, the workflow fails; refused by Kafka, the engine would stop, restart,
         # and be refused again. (encode() raises UnicodeEncodeError, a ValueError, on what
-        # UTF-8 cannot carry, such as lone surrogates.)
-        size = len(value.encode()) if value is not None else 0
+        # UTF-8 cannot carry, such as lone surrogates, which are never ASCII.)
+        size = 0 if value is None else len(value) if value.isascii() else len(value.encode())
         if key is not None:
-            size += len(key.encode())
+            size += len(key) if key.isascii() else len(key.encode())
         for name, data in extra:
             size += len(name.encode()) + len(data.encode() if isinstance(data, str) else data)
         if size > self.settings.max_payload_bytes:
@@ -437,6 +438,12 @@ class Instance:
 
     def _status_json(self, timers: tuple[float, ...], error: str | None = None,
                      trace: str | None = None) -> str:
+        running = self.status == RUNNING
+        if error is None and self.journal.parent is None and not (self.children and running):
+            text = status_json(self.thread_id, self.workflow.name, self.status, self.step,
+                               self.pending if running else (), timers, self.loop.time())
+            if text is not None:
+                return text
         status: dict[str, Any] = {
             "thread": self.thread_id, "workflow": self.workflow.name, "status": self.status,
             "step": self.step, "pending": list(self.pending) if self.status == RUNNING else [],
