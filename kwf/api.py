@@ -239,6 +239,7 @@ class _Combinator(_Future):
 
     def __init__(self, loop: WorkflowLoop, children: list[asyncio.Future[Any]],
                  first: bool, cancel_rest: bool) -> None:
+        self._kwf_n = next(loop._counter)  # numbered as ``loop.create_future`` numbers
         super().__init__(loop=loop)
         self._children = children
         self._first = first

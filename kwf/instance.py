@@ -44,6 +44,11 @@ step. Owners dispose explicitly; one that forgets leaks memory, never outputs.""
 class Instance:
     """The live coroutine of one thread, with its loop, pending suspends and counters."""
 
+    __slots__ = ("workflow", "journal", "settings", "thread_id", "loop", "_rng", "pending", "step",
+                 "seq", "status", "replaying", "disposed", "_n", "_origin", "_out", "_count",
+                 "_crc", "_topics", "_result", "_error", "_tasks_kept", "_markers", "_problem",
+                 "_limit_error", "children", "continued", "main")  # one per live thread
+
     def __init__(self, workflow: Workflow, journal: Journal, settings: Settings,
                  replaying: bool = False) -> None:
         self.workflow = workflow
@@ -69,10 +74,10 @@ class Instance:
         self._result: str | None = None
         self._error: tuple[str, str] | None = None  # a failure's message and traceback
         self._tasks_kept = 0
-        self._markers: dict[str, int] = {}
+        self._markers: dict[str, int] | None = None  # made on first use, as ``children``
         self._problem: str | None = None  # a replay divergence found inside workflow code
         self._limit_error: Exception | None = None
-        self.children: dict[str, str] = {}
+        self.children: dict[str, str] | None = None
         """Children awaited: the parent's ref -> the child's thread id (shown in the status)."""
         self.continued: tuple[Any, str | None] | None = None
         """``kwf.continue_as_new(arg, workflow)`` was called: the new run's argument and workflow."""
@@ -185,19 +190,22 @@ class Instance:
     def _begin(self, time: float) -> None:
         self.loop.set_time(time)
         self._n = 0
-        self._out = []
+        if self._out:  # left by a step that failed; ``_commit`` hands the list over
+            self._out = []
         self._count = 0
         self._crc = 0
-        self._topics = []
+        if self.replaying:
+            self._topics = []
 
     def _commit(self, event: Event | None) -> list[Record]:
         """End the step: finish if main ended, tidy, emit the status record, journal the step."""
         if self.status == RUNNING and (self.main.done() or self.continued is not None):
             self._finish()
-        pending = self.pending
+        pending, children = self.pending, self.children
         for settled in [k for k, f in pending.items() if f.done()]:
             del pending[settled]
-            self.children.pop(settled, None)
+            if children:
+                children.pop(settled, None)
         loop = self.loop
         if len(loop.tasks) > 2 * self._tasks_kept + 4:  # tidy now and then, not every step
             loop.tasks = [t for t in loop.tasks if not t.done()]
@@ -220,11 +228,12 @@ class Instance:
                                 hint="call kwf.continue_as_new(state) every so many events")
             if self._markers:
                 j.patches.update(self._markers)
-                self._markers = {}
+                self._markers = None
             j.checks.append(self._check())
             j.step, j.seq, j.time, j.status, j.timers, j.result = (
                 self.step, self.seq, self.loop.time(), self.status, timers, self._result)
-        return self._out
+        out, self._out = self._out, []  # the records are the caller's, not kept till next step
+        return out
 
     def _check(self) -> Check:
         return (self._count, self._crc, tuple(self.pending))
@@ -299,7 +308,7 @@ class Instance:
                 msg = (f"thread {self.thread_id!r} step {self.step}: suspend id {id!r} is still "
                        "pending; await or cancel it before suspending on it again")
                 raise ValueError(msg)
-        future = _Future(loop=self.loop)
+        future = self.loop.create_future()
         self.pending[id] = future
         return Suspend(id, future)
 
@@ -356,6 +365,8 @@ class Instance:
             raise ValueError(msg)
         self._emit(self.settings.resume_topic, child_id, value)
         if ref is not None:
+            if self.children is None:
+                self.children = {}
             self.children[ref.id] = child_id
         return child_id, ref
 
@@ -370,12 +381,15 @@ class Instance:
     def patched(self, patch_id: str) -> bool:
         """True where the thread ran patch-aware code: live always (a marker is recorded), on
         replay where the journal's marker is at or before this step."""
-        step = self.journal.patches.get(patch_id, self._markers.get(patch_id))
+        markers = self._markers
+        step = self.journal.patches.get(patch_id, markers.get(patch_id) if markers else None)
         if step is not None:
             return step <= self.step
         if self.replaying:
             return False
-        self._markers[patch_id] = self.step
+        if markers is None:
+            markers = self._markers = {}
+        markers[patch_id] = self.step
         return True
 
     def deprecate_patch(self, patch_id: str) -> None:

@@ -27,13 +27,15 @@ log = structlog.get_logger("kwf.loop")
 
 
 class _Future(asyncio.Future):  # type: ignore[type-arg]
-    """A future whose hash is its creation number in the loop, not its memory address."""
+    """A future whose hash is its creation number in the loop, not its memory address.
+
+    Made by ``WorkflowLoop.create_future``, which numbers it (an ``__init__`` doing so would
+    cost a Python frame per future; asyncio's own does not hash it). A subclass numbers
+    itself in its ``__init__``, before anything may hash it.
+    """
 
     __slots__ = ("_kwf_n",)  # else a dict per future, 160 bytes
-
-    def __init__(self, *, loop: WorkflowLoop) -> None:
-        self._kwf_n = next(loop._counter)  # before __init__: asyncio may hash it there
-        super().__init__(loop=loop)
+    _kwf_n: int
 
     def __hash__(self) -> int:
         return self._kwf_n
@@ -43,6 +45,7 @@ class _Task(asyncio.Task):  # type: ignore[type-arg]
     """A task whose hash is its creation number, for the same reason as ``_Future``."""
 
     __slots__ = ("_kwf_n",)
+    _kwf_n: int
 
     def __init__(self, coro: Any, *, loop: WorkflowLoop, **kwargs: Any) -> None:
         self._kwf_n = next(loop._counter)  # asyncio adds the task to a WeakSet in __init__
@@ -52,21 +55,7 @@ class _Task(asyncio.Task):  # type: ignore[type-arg]
         return self._kwf_n
 
 
-class _Handle(asyncio.Handle):
-    """``asyncio.Handle`` as the loop makes it for ``call_soon``, without asking the loop
-    whether it debugs (it never does) on each of the several a step makes."""
-
-    __slots__ = ()
-
-    def __init__(self, callback: Callable[..., Any], args: tuple[Any, ...], loop: WorkflowLoop,
-                 context: contextvars.Context | None) -> None:
-        self._callback = callback
-        self._args = args
-        self._loop = loop
-        self._context = contextvars.copy_context() if context is None else context
-        self._cancelled = False
-        self._repr = None
-        self._source_traceback = None
+_new_handle = object.__new__
 
 
 def _refuser(name: str, what: str) -> Callable[..., Any]:
@@ -83,6 +72,9 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
     The owner drives it: ``run_until_idle()`` runs ready callbacks until none is left,
     ``fire_timers(t)`` moves the clock to ``t`` and readies every timer due by then.
     """
+
+    __slots__ = ("_ready", "_head", "_timers", "_cancelled_timers", "_time", "_counter", "_owner",
+                 "_workflow", "_closed", "_running", "_eager", "tasks", "instance")
 
     def __init__(self, start_time: float, owner: str, workflow: str = "?") -> None:
         self._ready: list[asyncio.Handle] = []
@@ -111,12 +103,21 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
 
     def call_soon(self, callback: Callable[..., Any], *args: Any,
                   context: contextvars.Context | None = None) -> asyncio.Handle:
-        handle = _Handle(callback, args, self, context)
+        # ``asyncio.Handle(callback, args, self, context)`` without its ``__init__``, which
+        # asks the loop whether it debugs: several times a step, a Python frame each.
+        handle: Any = _new_handle(asyncio.Handle)
+        handle._callback = callback
+        handle._args = args
+        handle._loop = self
+        handle._context = contextvars.copy_context() if context is None else context
+        handle._cancelled = False
+        handle._repr = None
+        handle._source_traceback = None
         if self._eager is not None:  # the first step of an eagerly started task
             self._eager.append(handle)
         else:
             self._ready.append(handle)
-        return handle
+        return handle  # type: ignore[no-any-return]
 
     def call_later(self, delay: float, callback: Callable[..., Any], *args: Any,
                    context: contextvars.Context | None = None) -> asyncio.TimerHandle:
@@ -145,8 +146,10 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
             heapq.heapify(self._timers)
             self._cancelled_timers = 0
 
-    def create_future(self) -> asyncio.Future[Any]:
-        return _Future(loop=self)
+    def create_future(self) -> _Future:
+        future = _Future(loop=self)
+        future._kwf_n = next(self._counter)
+        return future
 
     def create_task(self, coro: Any, *, name: str | None = None,
                     context: contextvars.Context | None = None) -> asyncio.Task[Any]:
