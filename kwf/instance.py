@@ -188,7 +188,9 @@ class Instance:
         self.main.cancel()
 
     def _begin(self, time: float) -> None:
-        self.loop.set_time(time)
+        loop = self.loop
+        if time > loop._time:  # ``loop.set_time(time)``, inline
+            loop._time = time
         self._n = 0
         if self._out:  # left by a step that failed; ``_commit`` hands the list over
             self._out = []
@@ -301,7 +303,11 @@ class Instance:
 
     def suspend(self, id: str | None) -> Suspend:
         if id is None:
-            id = self._auto_id()
+            self._n += 1  # ``_auto_id()``, inline for the common case: the id is free
+            id = f"{self._origin}:{self._n}"
+            if id in self.pending:
+                self._n -= 1
+                id = self._auto_id()
         else:
             previous = self.pending.get(id)
             if previous is not None and not previous.done():
