@@ -237,6 +237,9 @@ class _Combinator(_Future):
     ``asyncio.gather`` does, so compensations in the children run before the caller resumes.
     """
 
+    __slots__ = ("_children", "_first", "_cancel_rest", "_results", "_left", "_ended",
+                 "_cancelling")  # no dict: a live thread keeps one per pending combinator
+
     def __init__(self, loop: WorkflowLoop, children: list[asyncio.Future[Any]],
                  first: bool, cancel_rest: bool) -> None:
         self._kwf_n = next(loop._counter)  # numbered as ``loop.create_future`` numbers
@@ -249,7 +252,7 @@ class _Combinator(_Future):
         self._ended = 0
         self._cancelling = False
         for i, child in enumerate(children):
-            child.add_done_callback(partial(self._child_done, i))
+            child.add_done_callback(partial(_Combinator._child_done, self, i))  # no bound method
         if not children and not first:
             self.set_result([])
 
