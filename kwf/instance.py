@@ -509,13 +509,15 @@ class Instance:
         kept for ever in ``_UNCLOSABLE`` rather than left to the garbage collector; disposal
         never raises, since it may run inside another thread's step (LRU eviction).
         """
-        dropping, self.disposed = self.disposed, True
-        with self.loop.running():
-            for task in reversed(self.loop.tasks):
-                if not task.done():
-                    task._log_destroy_pending = False  # type: ignore[attr-defined]
-                    self._close(task.get_coro())
-        self.disposed = dropping
+        unfinished = [task for task in reversed(self.loop.tasks) if not task.done()]
+        if unfinished:  # else (a thread that ended) there is nothing to run the loop for
+            dropping, self.disposed = self.disposed, True
+            with self.loop.running():
+                for task in unfinished:
+                    if not task.done():  # closing one may have ended another
+                        task._log_destroy_pending = False  # type: ignore[attr-defined]
+                        self._close(task.get_coro())
+            self.disposed = dropping
         self.loop.tasks = []
 
     def _close(self, coro: Any) -> None:
