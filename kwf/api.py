@@ -11,14 +11,13 @@ from __future__ import annotations
 import asyncio
 import random as _random
 import uuid as _uuid
-from asyncio import events
 from datetime import datetime, timezone
 from functools import partial
 from typing import (TYPE_CHECKING, Any, AsyncIterator, Awaitable, Generator, Iterable, NoReturn,
                     Sequence)
 
 from kwf.errors import ChildFailed, ContinueAsNew, RemoteError
-from kwf.loop import WorkflowLoop, _Future
+from kwf.loop import WorkflowLoop, _current, _Future
 from kwf.protocol import dumps
 
 if TYPE_CHECKING:
@@ -32,8 +31,8 @@ __all__ = [
 
 
 def _instance(what: str) -> Instance:
-    loop = events._get_running_loop()
-    if not isinstance(loop, WorkflowLoop) or loop.instance is None:
+    loop = _current.loop  # asyncio's running loop, when it is a workflow's
+    if loop is None or loop.instance is None:
         msg = (f"kwf.{what}() is only available inside a running workflow; run the workflow "
                "with kwf.testing.Engine (tests, notebooks) or the engine (Kafka)")
         raise RuntimeError(msg)

@@ -14,6 +14,7 @@ import contextvars
 import heapq
 import itertools
 import math
+import threading
 import zlib
 from asyncio import events, format_helpers, tasks
 from contextlib import contextmanager
@@ -56,6 +57,17 @@ class _Task(asyncio.Task):  # type: ignore[type-arg]
 
 
 _new_handle = object.__new__
+
+
+class _Current(threading.local):
+    """The ``WorkflowLoop`` running in this OS thread, if any. It is asyncio's running loop
+    then too; kept here as well so that ``kwf.api`` finds its instance without asyncio's
+    ``get_running_loop``, which calls ``getpid()`` each time on CPython 3.11."""
+
+    loop: WorkflowLoop | None = None
+
+
+_current = _Current()
 
 
 def _refuser(name: str, what: str) -> Callable[..., Any]:
@@ -209,20 +221,23 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
         Restores whatever loop was running before, so an Engine works inside a notebook,
         whose own asyncio loop is running.
         """
-        previous = events._get_running_loop()
+        previous, outer = events._get_running_loop(), _current.loop
         events._set_running_loop(self)
+        _current.loop = self
         self._running = True
         try:
             yield
         finally:
             self._running = False
+            _current.loop = outer
             events._set_running_loop(previous)
 
     def run_until_idle(self) -> None:
         """Run ready callbacks, FIFO, until nothing is ready (the workflow is waiting)."""
         ready = self._ready
-        previous = events._get_running_loop()  # inline ``running()``: this is the hot path
+        previous, outer = events._get_running_loop(), _current.loop  # ``running()``, inline
         events._set_running_loop(self)
+        _current.loop = self
         self._running = True
         try:
             while (head := self._head) < len(ready):
@@ -242,6 +257,7 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
             self._head = 0
         finally:
             self._running = False
+            _current.loop = outer
             events._set_running_loop(previous)
 
     def _callback_failed(self, handle: asyncio.Handle, error: BaseException) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
+import kwf
 from kwf.loop import WorkflowLoop
+from kwf.testing import Engine
 
 
 def test_callbacks_run_in_order_including_those_scheduled_while_running():
@@ -71,3 +74,30 @@ def test_futures_tasks_and_combinators_hash_by_creation_number_per_thread():
     assert first == numbers("t1")
     assert first[1] == first[0] - 1 and first[2] == first[0] + 1
     assert numbers("t2") != first
+
+
+@kwf.workflow("loop-two-os-threads")
+async def _names_itself(arg: None) -> str:
+    _BOTH_INSIDE.wait()  # both OS threads are inside a step of their own workflow now
+    return kwf.thread_id()
+
+
+_BOTH_INSIDE = threading.Barrier(2, timeout=20)
+
+
+def test_each_os_thread_finds_the_workflow_it_runs():
+    """Engines (Bytewax workers) in several OS threads of one process each see their own
+    running workflow from kwf's API."""
+    results: dict[str, object] = {}
+
+    def run(thread: str) -> None:
+        eng = Engine(workflows=[_names_itself])
+        eng.send(thread, "new:null")
+        results[thread] = [r.value for r in eng.outputs("workflow-result")]
+
+    workers = [threading.Thread(target=run, args=(name,)) for name in ("a", "b")]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(30)
+    assert results == {"a": ['"a"'], "b": ['"b"']}
