@@ -11,14 +11,13 @@ from __future__ import annotations
 import asyncio
 import random as _random
 import uuid as _uuid
-from asyncio import events
 from datetime import datetime, timezone
 from functools import partial
 from typing import (TYPE_CHECKING, Any, AsyncIterator, Awaitable, Generator, Iterable, NoReturn,
                     Sequence)
 
 from kwf.errors import ChildFailed, ContinueAsNew, RemoteError
-from kwf.loop import WorkflowLoop, _Future
+from kwf.loop import WorkflowLoop, _current, _Future
 from kwf.protocol import dumps
 
 if TYPE_CHECKING:
@@ -32,8 +31,8 @@ __all__ = [
 
 
 def _instance(what: str) -> Instance:
-    loop = events._get_running_loop()
-    if not isinstance(loop, WorkflowLoop) or loop.instance is None:
+    loop = _current.loop  # asyncio's running loop, when it is a workflow's
+    if loop is None or loop.instance is None:
         msg = (f"kwf.{what}() is only available inside a running workflow; run the workflow "
                "with kwf.testing.Engine (tests, notebooks) or the engine (Kafka)")
         raise RuntimeError(msg)
@@ -237,8 +236,12 @@ class _Combinator(_Future):
     ``asyncio.gather`` does, so compensations in the children run before the caller resumes.
     """
 
+    __slots__ = ("_children", "_first", "_cancel_rest", "_results", "_left", "_ended",
+                 "_cancelling")  # no dict: a live thread keeps one per pending combinator
+
     def __init__(self, loop: WorkflowLoop, children: list[asyncio.Future[Any]],
                  first: bool, cancel_rest: bool) -> None:
+        self._kwf_n = next(loop._counter)  # numbered as ``loop.create_future`` numbers
         super().__init__(loop=loop)
         self._children = children
         self._first = first
@@ -248,7 +251,7 @@ class _Combinator(_Future):
         self._ended = 0
         self._cancelling = False
         for i, child in enumerate(children):
-            child.add_done_callback(partial(self._child_done, i))
+            child.add_done_callback(partial(_Combinator._child_done, self, i))  # no bound method
         if not children and not first:
             self.set_result([])
 

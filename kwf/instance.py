@@ -25,7 +25,8 @@ from kwf.errors import NonDeterminismError, RemoteError
 from kwf.journal import (CANCELLED, COMPLETED, CONTINUED, ERROR, FAILED, RESUME, RUNNING, TIMER,
                          Check, Event, Journal)
 from kwf.loop import WorkflowLoop, _Future
-from kwf.protocol import MAX_KEY_BYTES, Record, child_value, dumps, output_record
+from kwf.protocol import (MAX_KEY_BYTES, Record, child_value, dumps, output_record,
+                          status_json)
 from kwf.registry import Workflow, check_name
 
 log = structlog.get_logger("kwf.instance")
@@ -42,6 +43,11 @@ step. Owners dispose explicitly; one that forgets leaks memory, never outputs.""
 
 class Instance:
     """The live coroutine of one thread, with its loop, pending suspends and counters."""
+
+    __slots__ = ("workflow", "journal", "settings", "thread_id", "loop", "_rng", "pending", "step",
+                 "seq", "status", "replaying", "disposed", "_n", "_origin", "_out", "_count",
+                 "_crc", "_topics", "_result", "_error", "_tasks_kept", "_markers", "_problem",
+                 "_limit_error", "children", "continued", "main")  # one per live thread
 
     def __init__(self, workflow: Workflow, journal: Journal, settings: Settings,
                  replaying: bool = False) -> None:
@@ -68,10 +74,10 @@ class Instance:
         self._result: str | None = None
         self._error: tuple[str, str] | None = None  # a failure's message and traceback
         self._tasks_kept = 0
-        self._markers: dict[str, int] = {}
+        self._markers: dict[str, int] | None = None  # made on first use, as ``children``
         self._problem: str | None = None  # a replay divergence found inside workflow code
         self._limit_error: Exception | None = None
-        self.children: dict[str, str] = {}
+        self.children: dict[str, str] | None = None
         """Children awaited: the parent's ref -> the child's thread id (shown in the status)."""
         self.continued: tuple[Any, str | None] | None = None
         """``kwf.continue_as_new(arg, workflow)`` was called: the new run's argument and workflow."""
@@ -182,21 +188,26 @@ class Instance:
         self.main.cancel()
 
     def _begin(self, time: float) -> None:
-        self.loop.set_time(time)
+        loop = self.loop
+        if time > loop._time:  # ``loop.set_time(time)``, inline
+            loop._time = time
         self._n = 0
-        self._out = []
+        if self._out:  # left by a step that failed; ``_commit`` hands the list over
+            self._out = []
         self._count = 0
         self._crc = 0
-        self._topics = []
+        if self.replaying:
+            self._topics = []
 
     def _commit(self, event: Event | None) -> list[Record]:
         """End the step: finish if main ended, tidy, emit the status record, journal the step."""
         if self.status == RUNNING and (self.main.done() or self.continued is not None):
             self._finish()
-        pending = self.pending
+        pending, children = self.pending, self.children
         for settled in [k for k, f in pending.items() if f.done()]:
             del pending[settled]
-            self.children.pop(settled, None)
+            if children:
+                children.pop(settled, None)
         loop = self.loop
         if len(loop.tasks) > 2 * self._tasks_kept + 4:  # tidy now and then, not every step
             loop.tasks = [t for t in loop.tasks if not t.done()]
@@ -219,11 +230,12 @@ class Instance:
                                 hint="call kwf.continue_as_new(state) every so many events")
             if self._markers:
                 j.patches.update(self._markers)
-                self._markers = {}
+                self._markers = None
             j.checks.append(self._check())
             j.step, j.seq, j.time, j.status, j.timers, j.result = (
                 self.step, self.seq, self.loop.time(), self.status, timers, self._result)
-        return self._out
+        out, self._out = self._out, []  # the records are the caller's, not kept till next step
+        return out
 
     def _check(self) -> Check:
         return (self._count, self._crc, tuple(self.pending))
@@ -291,14 +303,18 @@ class Instance:
 
     def suspend(self, id: str | None) -> Suspend:
         if id is None:
-            id = self._auto_id()
+            self._n += 1  # ``_auto_id()``, inline for the common case: the id is free
+            id = f"{self._origin}:{self._n}"
+            if id in self.pending:
+                self._n -= 1
+                id = self._auto_id()
         else:
             previous = self.pending.get(id)
             if previous is not None and not previous.done():
                 msg = (f"thread {self.thread_id!r} step {self.step}: suspend id {id!r} is still "
                        "pending; await or cancel it before suspending on it again")
                 raise ValueError(msg)
-        future = _Future(loop=self.loop)
+        future = self.loop.create_future()
         self.pending[id] = future
         return Suspend(id, future)
 
@@ -355,6 +371,8 @@ class Instance:
             raise ValueError(msg)
         self._emit(self.settings.resume_topic, child_id, value)
         if ref is not None:
+            if self.children is None:
+                self.children = {}
             self.children[ref.id] = child_id
         return child_id, ref
 
@@ -369,12 +387,15 @@ class Instance:
     def patched(self, patch_id: str) -> bool:
         """True where the thread ran patch-aware code: live always (a marker is recorded), on
         replay where the journal's marker is at or before this step."""
-        step = self.journal.patches.get(patch_id, self._markers.get(patch_id))
+        markers = self._markers
+        step = self.journal.patches.get(patch_id, markers.get(patch_id) if markers else None)
         if step is not None:
             return step <= self.step
         if self.replaying:
             return False
-        self._markers[patch_id] = self.step
+        if markers is None:
+            markers = self._markers = {}
+        markers[patch_id] = self.step
         return True
 
     def deprecate_patch(self, patch_id: str) -> None:
@@ -400,17 +421,17 @@ class Instance:
                    "use kwf.output_json for other values")
             raise TypeError(msg)
         extra = tuple(headers) if headers else ()
-        if not (key is None or isinstance(key, str)) or not all(
+        if not (key is None or isinstance(key, str)) or extra and not all(
                 isinstance(h, tuple) and len(h) == 2 and isinstance(h[0], str)
                 and isinstance(h[1], (str, bytes)) for h in extra):
             msg = "kwf.output key must be str or None, headers (str, str | bytes) pairs"
             raise TypeError(msg)
         # Refused here, the workflow fails; refused by Kafka, the engine would stop, restart,
         # and be refused again. (encode() raises UnicodeEncodeError, a ValueError, on what
-        # UTF-8 cannot carry, such as lone surrogates.)
-        size = len(value.encode()) if value is not None else 0
+        # UTF-8 cannot carry, such as lone surrogates, which are never ASCII.)
+        size = 0 if value is None else len(value) if value.isascii() else len(value.encode())
         if key is not None:
-            size += len(key.encode())
+            size += len(key) if key.isascii() else len(key.encode())
         for name, data in extra:
             size += len(name.encode()) + len(data.encode() if isinstance(data, str) else data)
         if size > self.settings.max_payload_bytes:
@@ -437,6 +458,12 @@ class Instance:
 
     def _status_json(self, timers: tuple[float, ...], error: str | None = None,
                      trace: str | None = None) -> str:
+        running = self.status == RUNNING
+        if error is None and self.journal.parent is None and not (self.children and running):
+            text = status_json(self.thread_id, self.workflow.name, self.status, self.step,
+                               self.pending if running else (), timers, self.loop.time())
+            if text is not None:
+                return text
         status: dict[str, Any] = {
             "thread": self.thread_id, "workflow": self.workflow.name, "status": self.status,
             "step": self.step, "pending": list(self.pending) if self.status == RUNNING else [],
@@ -482,13 +509,15 @@ class Instance:
         kept for ever in ``_UNCLOSABLE`` rather than left to the garbage collector; disposal
         never raises, since it may run inside another thread's step (LRU eviction).
         """
-        dropping, self.disposed = self.disposed, True
-        with self.loop.running():
-            for task in reversed(self.loop.tasks):
-                if not task.done():
-                    task._log_destroy_pending = False  # type: ignore[attr-defined]
-                    self._close(task.get_coro())
-        self.disposed = dropping
+        unfinished = [task for task in reversed(self.loop.tasks) if not task.done()]
+        if unfinished:  # else (a thread that ended) there is nothing to run the loop for
+            dropping, self.disposed = self.disposed, True
+            with self.loop.running():
+                for task in unfinished:
+                    if not task.done():  # closing one may have ended another
+                        task._log_destroy_pending = False  # type: ignore[attr-defined]
+                        self._close(task.get_coro())
+            self.disposed = dropping
         self.loop.tasks = []
 
     def _close(self, coro: Any) -> None:

@@ -14,9 +14,9 @@ import contextvars
 import heapq
 import itertools
 import math
+import threading
 import zlib
-from asyncio import events, tasks
-from collections import deque
+from asyncio import events, format_helpers, tasks
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -28,11 +28,15 @@ log = structlog.get_logger("kwf.loop")
 
 
 class _Future(asyncio.Future):  # type: ignore[type-arg]
-    """A future whose hash is its creation number in the loop, not its memory address."""
+    """A future whose hash is its creation number in the loop, not its memory address.
 
-    def __init__(self, *, loop: WorkflowLoop) -> None:
-        self._kwf_n = next(loop._counter)  # before __init__: asyncio may hash it there
-        super().__init__(loop=loop)
+    Made by ``WorkflowLoop.create_future``, which numbers it (an ``__init__`` doing so would
+    cost a Python frame per future; asyncio's own does not hash it). A subclass numbers
+    itself in its ``__init__``, before anything may hash it.
+    """
+
+    __slots__ = ("_kwf_n",)  # else a dict per future, 160 bytes
+    _kwf_n: int
 
     def __hash__(self) -> int:
         return self._kwf_n
@@ -41,12 +45,30 @@ class _Future(asyncio.Future):  # type: ignore[type-arg]
 class _Task(asyncio.Task):  # type: ignore[type-arg]
     """A task whose hash is its creation number, for the same reason as ``_Future``."""
 
+    __slots__ = ("_kwf_n",)
+    _kwf_n: int
+
     def __init__(self, coro: Any, *, loop: WorkflowLoop, **kwargs: Any) -> None:
         self._kwf_n = next(loop._counter)  # asyncio adds the task to a WeakSet in __init__
         super().__init__(coro, loop=loop, **kwargs)
 
     def __hash__(self) -> int:
         return self._kwf_n
+
+
+_new_handle = object.__new__
+
+
+class _Current(threading.local):
+    """The ``WorkflowLoop`` running in this OS thread, if any. It is asyncio's running loop
+    then too; kept here as well so that ``kwf.api`` finds its instance without asyncio's
+    ``get_running_loop``, which calls ``getpid()`` each time on CPython 3.11."""
+
+    loop: WorkflowLoop | None = None
+
+
+_current = _Current()
+
 
 def _refuser(name: str, what: str) -> Callable[..., Any]:
     """A loop method that workflow code must not reach: it raises, naming the thread and why."""
@@ -63,8 +85,14 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
     ``fire_timers(t)`` moves the clock to ``t`` and readies every timer due by then.
     """
 
+    __slots__ = ("_ready", "_head", "_timers", "_cancelled_timers", "_time", "_counter", "_owner",
+                 "_workflow", "_closed", "_running", "_eager", "tasks", "instance")
+
     def __init__(self, start_time: float, owner: str, workflow: str = "?") -> None:
-        self._ready: deque[asyncio.Handle] = deque()
+        self._ready: list[asyncio.Handle] = []
+        self._head = 0
+        """``_ready[_head:]`` is the FIFO of callbacks to run (a list is 700 bytes smaller
+        than a deque, for each thread kept live)."""
         self._timers: list[tuple[float, int, asyncio.TimerHandle]] = []
         self._cancelled_timers = 0
         self._time = start_time
@@ -87,12 +115,21 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
 
     def call_soon(self, callback: Callable[..., Any], *args: Any,
                   context: contextvars.Context | None = None) -> asyncio.Handle:
-        handle = asyncio.Handle(callback, args, self, context)
+        # ``asyncio.Handle(callback, args, self, context)`` without its ``__init__``, which
+        # asks the loop whether it debugs: several times a step, a Python frame each.
+        handle: Any = _new_handle(asyncio.Handle)
+        handle._callback = callback
+        handle._args = args
+        handle._loop = self
+        handle._context = contextvars.copy_context() if context is None else context
+        handle._cancelled = False
+        handle._repr = None
+        handle._source_traceback = None
         if self._eager is not None:  # the first step of an eagerly started task
             self._eager.append(handle)
         else:
             self._ready.append(handle)
-        return handle
+        return handle  # type: ignore[no-any-return]
 
     def call_later(self, delay: float, callback: Callable[..., Any], *args: Any,
                    context: contextvars.Context | None = None) -> asyncio.TimerHandle:
@@ -121,8 +158,10 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
             heapq.heapify(self._timers)
             self._cancelled_timers = 0
 
-    def create_future(self) -> asyncio.Future[Any]:
-        return _Future(loop=self)
+    def create_future(self) -> _Future:
+        future = _Future(loop=self)
+        future._kwf_n = next(self._counter)
+        return future
 
     def create_task(self, coro: Any, *, name: str | None = None,
                     context: contextvars.Context | None = None) -> asyncio.Task[Any]:
@@ -161,10 +200,11 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
     def close(self) -> None:
         self._closed = True
         self._ready.clear()
+        self._head = 0
         self._timers.clear()
 
-    def get_debug(self) -> bool:
-        return False
+    get_debug = staticmethod(bool)
+    """Always False, without a Python frame: asyncio asks on every future and task."""
 
     def call_exception_handler(self, context: dict[str, Any]) -> None:
         # Reached for "exception never retrieved" and the like: worth a log line, no more.
@@ -181,32 +221,51 @@ class WorkflowLoop(asyncio.AbstractEventLoop):
         Restores whatever loop was running before, so an Engine works inside a notebook,
         whose own asyncio loop is running.
         """
-        previous = events._get_running_loop()
+        previous, outer = events._get_running_loop(), _current.loop
         events._set_running_loop(self)
+        _current.loop = self
         self._running = True
         try:
             yield
         finally:
             self._running = False
+            _current.loop = outer
             events._set_running_loop(previous)
 
     def run_until_idle(self) -> None:
         """Run ready callbacks, FIFO, until nothing is ready (the workflow is waiting)."""
         ready = self._ready
-        previous = events._get_running_loop()  # inline ``running()``: this is the hot path
+        previous, outer = events._get_running_loop(), _current.loop  # ``running()``, inline
         events._set_running_loop(self)
+        _current.loop = self
         self._running = True
         try:
-            while ready:
-                handle = ready.popleft()
+            while (head := self._head) < len(ready):
+                handle = ready[head]
+                self._head = head + 1
                 if not handle._cancelled:
-                    try:
-                        handle._run()
-                    except SystemExit:  # asyncio re-raises it; the task that raised it holds
-                        pass            # it as its exception, so that workflow fails alone
+                    try:  # ``handle._run()``, inline
+                        handle._context.run(  # type: ignore[attr-defined]
+                            handle._callback, *handle._args)  # type: ignore[attr-defined]
+                    except SystemExit:  # the task that raised it holds it as its exception,
+                        pass            # so that workflow fails alone
+                    except KeyboardInterrupt:
+                        raise
+                    except BaseException as e:
+                        self._callback_failed(handle, e)
+            ready.clear()
+            self._head = 0
         finally:
             self._running = False
+            _current.loop = outer
             events._set_running_loop(previous)
+
+    def _callback_failed(self, handle: asyncio.Handle, error: BaseException) -> None:
+        """What ``Handle._run`` does with an exception: hand it to the exception handler."""
+        source = format_helpers._format_callback_source(
+            handle._callback, handle._args)  # type: ignore[attr-defined]
+        self.call_exception_handler({"message": f"Exception in callback {source}",
+                                     "exception": error, "handle": handle})
 
     def next_timer(self) -> float | None:
         """The due time of the earliest live timer, or None."""

@@ -12,7 +12,8 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Union
+from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Union
 
 from kwf import observe
 from kwf.registry import NAME, RESERVED, UnknownWorkflow
@@ -46,6 +47,14 @@ class Record:
     headers: Headers = ()
     timestamp: float = 0.0
 
+    def __init__(self, topic: str, key: str | bytes | None, value: str | bytes | None,
+                 headers: Headers = (), timestamp: float = 0.0) -> None:
+        # Written out: the ``__init__`` of a frozen dataclass sets each field through
+        # ``object.__setattr__``, twice as slow, and records are made several times a step.
+        d = self.__dict__
+        d["topic"], d["key"], d["value"], d["headers"], d["timestamp"] = (
+            topic, key, value, headers, timestamp)
+
     def header(self, name: str) -> str | None:
         """The first header called ``name``, decoded, or None."""
         for key, value in self.headers:
@@ -70,6 +79,12 @@ class Incoming:
     offset: int = 0
     """The record's Kafka offset in its partition: a step it causes makes suspend ids
     ``<offset>:<n>``, as the original's runtime did."""
+
+    def __init__(self, topic: str, key: bytes | str | None, value: bytes | str | None,
+                 timestamp: float, partition: int = 0, offset: int = 0) -> None:
+        d = self.__dict__  # written out, as ``Record.__init__``
+        d["topic"], d["key"], d["value"], d["timestamp"], d["partition"], d["offset"] = (
+            topic, key, value, timestamp, partition, offset)
 
     @property
     def source(self) -> str:
@@ -112,6 +127,11 @@ class Resume:
     value: Any = None
     error: Any = None
     is_error: bool = False
+
+    def __init__(self, ref: str, value: Any = None, error: Any = None,
+                 is_error: bool = False) -> None:
+        d = self.__dict__  # written out, as ``Record.__init__``
+        d["ref"], d["value"], d["error"], d["is_error"] = ref, value, error, is_error
 
 
 @dataclass(frozen=True)
@@ -173,17 +193,28 @@ def _finite(text: str) -> float:
     return value
 
 
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite)
+# Built once: ``json.loads`` with arguments builds a decoder on every call.
+_scan = _DECODER.scan_once  # type: ignore[attr-defined]
+
+
 def loads(text: str) -> Any:
     """Strict JSON (no NaN, no Infinity, no overflow, ``MAX_DEPTH`` levels at most)."""
-    try:
-        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite)
-    except ValueError as e:
-        raise ProtocolError("bad-json", f"{e} in {_clip(text)}") from None
-    except RecursionError:
-        value = None
-    else:  # fewer brackets than levels allowed cannot nest too deep: skip the walk
-        if text.count("[") + text.count("{") <= MAX_DEPTH or _shallow(value):
-            return value
+    try:  # the common case, a value that fills the text; anything else takes ``json.loads``
+        value, end = _scan(text, 0)
+    except (StopIteration, ValueError, RecursionError):
+        end = -1
+    if end != len(text):  # whitespace around the value, or an error: json.loads says which
+        try:
+            value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite)
+        except ValueError as e:
+            raise ProtocolError("bad-json", f"{e} in {_clip(text)}") from None
+        except RecursionError:
+            raise ProtocolError("bad-json", f"nested deeper than {MAX_DEPTH} levels: "
+                                            f"{_clip(text)}") from None
+    # fewer brackets than levels allowed cannot nest too deep: skip the walk
+    if text.count("[") + text.count("{") <= MAX_DEPTH or _shallow(value):
+        return value
     raise ProtocolError("bad-json", f"nested deeper than {MAX_DEPTH} levels: {_clip(text)}")
 
 
@@ -207,6 +238,23 @@ def _clip(text: str, limit: int = 80) -> str:
 _COMPACT = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 _FLAT = json.JSONEncoder(ensure_ascii=False, check_circular=False, separators=(",", ":"))
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# The C encoders ``JSONEncoder.encode`` builds on every call, built once. Without a cycle
+# check (its state would outlive a failed call): a cycle then overflows the stack, and
+# ``dumps`` asks ``_COMPACT`` again for its exact error.
+_encode_compact: Any = None
+_encode_flat: Any = None
+if c_make_encoder is not None:
+    _encode_compact = c_make_encoder(None, _COMPACT.default, encode_basestring, None, ":", ",",
+                                     False, False, False)
+    _encode_flat = c_make_encoder(None, _FLAT.default, encode_basestring, None, ":", ",",
+                                  False, False, True)
+
+
+def _valid_utf8(text: str) -> str:
+    """``text`` with lone surrogates escaped as ``\\uXXXX``, so that it encodes to UTF-8."""
+    if not text.isascii() and _SURROGATE.search(text):
+        text = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return text
 
 
 def dumps(value: Any, *, flat: bool = False) -> str:
@@ -214,13 +262,50 @@ def dumps(value: Any, *, flat: bool = False) -> str:
     characters as themselves (lone surrogates escaped, so the text is valid UTF-8).
 
     Raises ``ValueError`` (NaN, infinities, cycles), ``RecursionError`` (too deep) or
-    ``TypeError`` for what JSON cannot hold. ``flat=True`` skips the cycle check, a third of
-    the time, for kwf's own records (the status record of every step), which have no cycles.
+    ``TypeError`` for what JSON cannot hold. ``flat=True`` is for kwf's own records, which
+    have no cycles: NaN and infinities are written as Python's ``json`` writes them.
     """
-    text: str = (_FLAT if flat else _COMPACT).encode(value)
-    if not text.isascii() and _SURROGATE.search(text):
-        text = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
-    return text
+    encode = _encode_flat if flat else _encode_compact
+    if encode is None:  # a Python without the json accelerator
+        text: str = (_FLAT if flat else _COMPACT).encode(value)
+    else:
+        try:
+            text = "".join(encode(value, 0))
+        except RecursionError:
+            if flat:
+                raise
+            text = _COMPACT.encode(value)  # a cycle (ValueError) or truly too deep
+    return _valid_utf8(text)
+
+
+def _number(value: Any) -> str:
+    """An int or a finite float as ``json`` writes it; ``ValueError`` for anything else."""
+    if type(value) is float:
+        if value - value == 0.0:  # finite
+            return float.__repr__(value)
+    elif type(value) is int:
+        return int.__repr__(value)
+    raise ValueError(value)
+
+
+def status_json(thread: str, workflow: str, status: str, step: int, pending: Iterable[str],
+                timers: Iterable[float], updated: float) -> str | None:
+    """A thread's ``workflow-events`` value in its common form, written without a dict:
+    ``dumps({"thread": ..., "workflow": ..., "status": ..., "step": ..., "pending": [...],
+    "timers": [...], "updated": ...}, flat=True)`` exactly, or None when a part is not a
+    plain string or number (the caller then builds the dict). ``status`` is one of the
+    journal's statuses, which JSON writes as they are."""
+    try:
+        when = (repr(updated) if type(updated) is float and updated - updated == 0.0
+                else _number(updated))  # ``_number``, inline for the common case
+        text = (f'{{"thread":{encode_basestring(thread)},"workflow":'
+                f'{encode_basestring(workflow)},"status":"{status}","step":{_number(step)},'
+                f'"pending":[{",".join(map(encode_basestring, pending))}],'
+                f'"timers":[{",".join(map(_number, timers)) if timers else ""}],'
+                f'"updated":{when}}}')
+    except (TypeError, ValueError):
+        return None
+    return _valid_utf8(text)
 
 
 def decode_key(key: bytes | str | None) -> str:
@@ -243,7 +328,7 @@ def decode_value(value: bytes | str | None, max_bytes: int) -> str:
     if value is None:
         raise ProtocolError("empty", "the record has no value; send new:<json>, "
                                      '{"ref": ..., "value": ...} or cancel:')
-    size = len(value) if isinstance(value, bytes) else len(value.encode())
+    size = len(value) if isinstance(value, bytes) or value.isascii() else len(value.encode())
     if size > max_bytes:
         raise ProtocolError("too-large", f"{size} bytes, over the limit of {max_bytes} "
                                          "(KWF_MAX_PAYLOAD_BYTES); send a reference instead")
@@ -263,6 +348,8 @@ def parse_command(text: str) -> Command:
     >>> parse_command('{"ref": "0:1", "error": "no car"}')
     Resume(ref='0:1', value=None, error='no car', is_error=True)
     """
+    if text[:1] == "{":  # a resume, most records: no prefix can match
+        return _resume(text)
     for prefix, only_if_new in (("new:", False), ("init:", True)):
         if text.startswith(prefix):
             rest = text[len(prefix):]
@@ -285,6 +372,10 @@ def parse_command(text: str) -> Command:
     if not text.lstrip().startswith("{"):
         raise ProtocolError("bad-form", f"{_clip(text)} is none of new:<json>, "
                             'new:<name>:<json>, init:..., cancel:, {"ref": ..., "value": ...}, timer:<due>')
+    return _resume(text)
+
+
+def _resume(text: str) -> Resume:
     obj = loads(text)
     ref = obj.get("ref") if isinstance(obj, dict) else None
     if not isinstance(ref, str):

@@ -21,8 +21,8 @@ from kwf import observe
 from kwf.config import Settings
 from kwf.errors import NonDeterminismError
 from kwf.instance import Instance
-from kwf.journal import (CANCEL, CONTINUED, ERROR, FAILED, RESUME, TIMER, Event, Journal, decode,
-                         encode)
+from kwf.journal import (CANCEL, CONTINUED, ERROR, FAILED, RESUME, RUNNING, TIMER, Event, Journal,
+                         decode, encode)
 from kwf.protocol import (Cancel, Command, Fire, Incoming, Record, Resume, Schedule, Start,
                           StartChild, dead_letter, dumps, output_record)
 from kwf.registry import Registry, UnknownWorkflow
@@ -167,37 +167,40 @@ class ThreadState:
                                    f"internal: {type(e).__name__}: {e}; the thread keeps its "
                                    "last committed step; resend the record after fixing the "
                                    "engine"))
-        self._bound()
+        if self.instance is not None:  # ``_bound()``, inline
+            self.ctx.cache.touch(self)
         return out
 
     def _on_command(self, rec: Incoming, cmd: Command, out: list[Record]) -> None:
-        j, dlq = self.journal, self.ctx.settings.dlq_topic
-        if isinstance(cmd, StartChild) and self._refuse_child(rec, cmd, out):
+        j, start = self.journal, isinstance(cmd, Start)
+        if start and isinstance(cmd, StartChild) and self._refuse_child(rec, cmd, out):
             return
-        if j is None and not isinstance(cmd, Start):
-            out.append(dead_letter(rec, dlq, f"unknown-thread: no thread {self.key!r}; start "
-                                             "it with new: or init:, or check the key"))
+        if j is None and not start:
+            out.append(dead_letter(rec, self.ctx.settings.dlq_topic,
+                                   f"unknown-thread: no thread {self.key!r}; start it with new: "
+                                   "or init:, or check the key"))
             return
-        if isinstance(cmd, Start) and cmd.only_if_new and j is not None:
+        if start and cmd.only_if_new and j is not None:  # type: ignore[union-attr]  # a Start
             log.info("init_ignored", thread=self.key, reason="thread exists")
             return
         time = max(rec.timestamp, j.time) if j is not None else rec.timestamp
         try:  # timers due by the record's time fire first, as Engine's clock reaches the record
             self._fire_due(time, out)
-            if isinstance(cmd, Start):
-                self._start(cmd, rec, out)
+            if start:
+                self._start(cmd, rec, out)  # type: ignore[arg-type]  # a Start
                 return
-            if self.journal is None or self.journal.finished:
+            j = self.journal
+            if j is None or j.status != RUNNING:
                 log.info("record_for_finished_thread_ignored", thread=self.key,
                          source=rec.source)
                 return
-            instance = self._live()
+            instance = self.instance if self.instance is not None else self._live()
         except _Unavailable as e:  # parked (its records), or its workflow is not served
             out += e.records
-            if isinstance(cmd, Start):
-                self._start(cmd, rec, out)
+            if start:
+                self._start(cmd, rec, out)  # type: ignore[arg-type]  # a Start
             elif e.reason is not None:
-                out.append(dead_letter(rec, dlq, e.reason))
+                out.append(dead_letter(rec, self.ctx.settings.dlq_topic, e.reason))
             return
         origin = str(rec.offset)
         if isinstance(cmd, Resume):
@@ -296,13 +299,12 @@ class ThreadState:
 
     def _fire_due(self, now: float, out: list[Record]) -> None:
         """Fire due timers, one step per due time, adding each step's records as it commits."""
-        while self.journal is not None and not self.journal.finished:
-            due = self.journal.next_timer()
-            if due is None or due > now:
+        while (j := self.journal) is not None and j.status == RUNNING and j.timers:
+            due = j.timers[0]  # ``j.next_timer()``: this runs twice for every record
+            if due > now:
                 break
             instance = self._live()
-            records = instance.apply((TIMER, max(due, self.journal.time), None, None,
-                                      self.journal.timer_origin()))
+            records = instance.apply((TIMER, max(due, j.time), None, None, j.timer_origin()))
             if records is None:  # cannot happen while the journal lists a due timer
                 msg = f"thread {self.key!r}: journal lists a timer at {due} the code does not have"
                 raise RuntimeError(msg)
@@ -432,6 +434,8 @@ class ThreadState:
 
 def _kind(cmd: Command) -> str:
     """A record's kind, for the metrics: new, init, resume, error, cancel or timer."""
+    if type(cmd) is Resume:  # most records
+        return "error" if cmd.is_error else "resume"
     if isinstance(cmd, Start):
         return "init" if cmd.only_if_new else "new"
     if isinstance(cmd, Resume):
