@@ -6,8 +6,9 @@ without a live instance (the step and output counters, the next timers, the stat
 Bytewax can rebuild every key at startup without replaying anything. A finished thread's
 journal shrinks to a tombstone: status, result and counters, until ``expires``.
 
-Encoding is cloudpickle over builtins only, behind a format number: never an object pickled
-by module path, which stdlib pickle (Bytewax's snapshots) would tie to an import location.
+Encoding is pickle (protocol 5) over builtins only, behind a format number: never an object
+pickled by module path, which would tie a snapshot to an import location. (Earlier versions
+used cloudpickle, which writes the very same bytes for builtins, three times slower.)
 
 Each step is journaled with its *origin*, the prefix of the suspend ids it creates: the Kafka
 offset of the ``workflow-resume`` record that caused it (``"17"``: ids ``17:1``, ``17:2``), or,
@@ -26,8 +27,6 @@ from __future__ import annotations
 import pickle
 from dataclasses import dataclass, field, fields
 from typing import Any
-
-import cloudpickle
 
 FORMAT = 2
 """2: steps carry their origin (suspend ids from Kafka offsets). 1: ids from step numbers."""
@@ -106,8 +105,7 @@ _FIELDS = tuple(f.name for f in fields(Journal))
 
 def encode(journal: Journal) -> bytes:
     """Bytes for a snapshot: a format number and the fields as a tuple of builtins."""
-    data: bytes = cloudpickle.dumps((FORMAT, tuple(getattr(journal, f) for f in _FIELDS)))
-    return data
+    return pickle.dumps((FORMAT, tuple(getattr(journal, f) for f in _FIELDS)), protocol=5)
 
 
 def decode(data: bytes) -> Journal:
