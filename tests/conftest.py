@@ -3,7 +3,8 @@
 Tests marked ``kafka`` take ``kafka_brokers``. With ``KWF_BROKERS`` set (``.ci/run`` does) they
 use that cluster; otherwise a local broker is started once for the session on port 19092 (not
 the dev broker's 9092) and stopped at the end. Its state directory is fixed, so a run that died
-without stopping it leaves a broker the next run adopts instead of a port it cannot bind.
+without stopping it leaves a broker the next run adopts instead of a port it cannot bind; an
+adopted broker is left running (it may serve another session's tests).
 Because a broker may be shared and reused, every test names its topics, groups and thread ids
 with ``unique``.
 """
@@ -35,11 +36,13 @@ def kafka_brokers() -> Iterator[str]:
 
     home = Path(tempfile.gettempdir()) / f"kwf-test-kafka-{TEST_BROKER_PORT}"
     broker = LocalBroker(home=home, port=TEST_BROKER_PORT)
-    if not broker.status().running:
+    adopted = broker.status().running  # another session's or a developer's: left running
+    if not adopted:
         broker.reset()  # start from empty: topics of old runs would only accumulate
     broker.start()
     yield broker.bootstrap
-    broker.stop()
+    if not adopted:
+        broker.stop()
 
 
 @pytest.fixture
