@@ -139,12 +139,14 @@ def _lead(launch: Launch, mine: dict[str, Any], report: dict[str, Any], partitio
             if proc in peers:  # it restarted since its first report: the newer one counts
                 peers[proc][0].close()
             peers[proc] = (conn, reader, hello)
-        try:
-            _decide(launch, mine, report, partitions, peers)
-        finally:
-            for conn, reader, _ in peers.values():
-                reader.close()
-                conn.close()
+    # The listener is closed before anyone is answered: its port is often process 1's Timely
+    # port (2102 beside 2101), which process 1 binds as soon as it has its answer.
+    try:
+        _decide(launch, mine, report, partitions, peers)
+    finally:
+        for conn, reader, _ in peers.values():
+            reader.close()
+            conn.close()
 
 
 def _decide(launch: Launch, mine: dict[str, Any], report: dict[str, Any], partitions: int,
