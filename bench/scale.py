@@ -11,8 +11,10 @@ one worker) on a real broker and measures, writing one JSON document (``--out``)
    output), and the RSS once restored (every thread journal-only).
 3. **probe**: with all of them waiting or finished, ``--probe`` fresh threads start and are
    resumed: records applied per second, and the engine's CPU per record (its own and its
-   settler's: comparable on a shared machine, where rates are not). Compare across N; the
-   goal is >= 80% of the 10k rate.
+   settler's: comparable on a shared machine, where rates are not), right after the restart
+   (Bytewax's ``snaps`` still holds every restored row) and again once the settler has moved
+   them out (``restart_to_settled_s``; sizes that log no settling pass skip it). Compare across
+   N; the goal is >= 80% of the 10k rate.
 4. **completions**: every channel-waiting thread is resumed: results per second after a restart.
 
 ``--loader ROWS:PARTITIONS,...`` times Bytewax's restart query alone, with and without an
@@ -28,8 +30,9 @@ __main__.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import asyncio
+import calendar
+import contextlib
 import json
 import os
 import signal
@@ -225,6 +228,24 @@ class Bench:
                     seconds = json.loads(line).get("seconds")
         return seconds
 
+    def settled_since(self, since: float, timeout: float) -> float | None:
+        """Seconds from ``since`` to the settler's first pass that moved the restored rows
+        out of Bytewax's ``snaps`` (its ``recovery_settled`` line, logged from 10,000 rows);
+        None if it logged none within ``timeout`` (a store too small to log)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for line in self.log_path.read_text(errors="replace").splitlines():
+                if '"recovery_settled"' in line:
+                    with contextlib.suppress(ValueError, KeyError):
+                        stamp = json.loads(line)["timestamp"].rstrip("Z")
+                        at = calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S"))
+                        if at >= since - 1:
+                            return at + float("0." + (stamp[20:] or "0")) - since
+            if self.n * 2 < 10_000:
+                return None
+            time.sleep(1)
+        return None
+
     def rss(self) -> int:
         assert self.engine is not None
         return rss_bytes(self.engine.pid)
@@ -272,17 +293,26 @@ def run_size(brokers: str, n: int, partitions: int, probe: int, workdir: Path,
         out["rss_restored_mb"] = round(b.rss() / 2**20, 1)
         phase("restarted")
 
-        probes = [f"p{i}" for i in range(probe)]
-        assert b.engine is not None
-        cpu = cpu_seconds(b.engine.pid)
-        tp = time.time()
-        b.produce([(k, "new:scale-wait:null") for k in probes]
-                  + [(k, json.dumps({"ref": "go", "value": 1})) for k in probes])
-        got = watch.wait_for(s.result_topic, probes, timeout=3600)
-        out["probe_records_per_s"] = round(2 * probe / (max(got) - tp), 1)
-        out["probe_cpu_us_per_record"] = round(
-            (cpu_seconds(b.engine.pid) - cpu) / (2 * probe) * 1e6, 1)
+        def probe_with(prefix: str, key: str) -> None:
+            """``probe`` fresh threads started and resumed, all the others waiting."""
+            probes = [f"{prefix}{i}" for i in range(probe)]
+            assert b.engine is not None
+            cpu = cpu_seconds(b.engine.pid)
+            tp = time.time()
+            b.produce([(k, "new:scale-wait:null") for k in probes]
+                      + [(k, json.dumps({"ref": "go", "value": 1})) for k in probes])
+            got = watch.wait_for(s.result_topic, probes, timeout=3600)
+            out[f"{key}_records_per_s"] = round(2 * probe / (max(got) - tp), 1)
+            out[f"{key}_cpu_us_per_record"] = round(
+                (cpu_seconds(b.engine.pid) - cpu) / (2 * probe) * 1e6, 1)
+
+        probe_with("p", "probe")  # right after the restart: snaps still holds every row
         phase("probed")
+        settled_s = b.settled_since(t1, timeout=1800)
+        if settled_s is not None:  # the settler moved the restored rows out of snaps
+            out["restart_to_settled_s"] = round(settled_s, 1)
+            probe_with("q", "probe_settled")
+            phase("probed once settled")
 
         rest = waiting[1:completions]
         tc = time.time()
