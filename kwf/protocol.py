@@ -296,13 +296,11 @@ def status_json(thread: str, workflow: str, status: str, step: int, pending: Ite
     plain string or number (the caller then builds the dict). ``status`` is one of the
     journal's statuses, which JSON writes as they are."""
     try:
-        when = (repr(updated) if type(updated) is float and updated - updated == 0.0
-                else _number(updated))  # ``_number``, inline for the common case
         text = (f'{{"thread":{encode_basestring(thread)},"workflow":'
                 f'{encode_basestring(workflow)},"status":"{status}","step":{_number(step)},'
                 f'"pending":[{",".join(map(encode_basestring, pending))}],'
-                f'"timers":[{",".join(map(_number, timers)) if timers else ""}],'
-                f'"updated":{when}}}')
+                f'"timers":[{",".join(map(_number, timers))}],'
+                f'"updated":{_number(updated)}}}')
     except (TypeError, ValueError):
         return None
     return _valid_utf8(text)
