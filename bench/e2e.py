@@ -263,6 +263,9 @@ def main() -> None:
                                       "samples; with --profile-idle waits too)")
     ap.add_argument("--profile-idle", action="store_true",
                     help="--profile also samples the engine while it waits")
+    ap.add_argument("--profile-native", action="store_true",
+                    help="--profile also samples native frames (Bytewax's Rust, SQLite, "
+                         "librdkafka calls)")
     ap.add_argument("--replier", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     prefix = os.environ.get("KWF_E2E_PREFIX", f"e2e-{uuid.uuid4().hex[:8]}")
@@ -311,7 +314,8 @@ def main() -> None:
             spy = None
             if args.profile:
                 spy_cmd = ["py-spy", "record", "--pid", str(engine.pid), "-r", "250", "--format",
-                           "raw", "-o", args.profile, *(["--idle"] if args.profile_idle else [])]
+                           "raw", "-o", args.profile, *(["--idle"] if args.profile_idle else []),
+                           *(["--native"] if args.profile_native else [])]
                 spy = subprocess.Popen(spy_cmd,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for shape in args.shapes.split(","):

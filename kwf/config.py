@@ -58,8 +58,10 @@ class Settings:
     """A thread whose journal reaches this many events is logged (once) and counted."""
     max_journal_events: int = 50_000
     """A thread whose journal would exceed this fails: it should ``kwf.continue_as_new``."""
-    batch_size: int = 50
-    """Kafka records per input poll: a due timer waits for the current batch (bench/timers.py)."""
+    batch_size: int = 500
+    """The most Kafka records one input partition hands out at a time: bigger batches cost less
+    per record under a backlog. While a timer is near, batches are at most 50
+    (``kwf.engine.source.NEAR_TIMER_BATCH``): a due timer waits for the batch in hand."""
     kafka_properties: Path | None = None
     partitions: int = 3
     replication: int = 1

@@ -404,6 +404,36 @@ def test_a_timer_ends_the_idle_wait_of_its_own_worker_only() -> None:
         assert owner.submit(clock.wait_s, 0.02).result() == 0.02  # once: it was served
 
 
+def test_a_near_timer_makes_input_batches_small_until_it_is_done_with(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Big batches cost less per record, but a due timer waits for the batch in hand: while a
+    timer key's callback is near (or held back), the sources hand out ``NEAR_TIMER_BATCH``.
+    A key that asks again for a later time, or for none, no longer counts once it passed."""
+    from kwf.engine.clock import InputClock
+
+    now = [5000.0]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    clock = InputClock()
+    assert not clock.timer_near(0.1)
+    clock.notify_at(5060.0, owner=1)  # a minute away
+    assert not clock.timer_near(0.1)
+    clock.notify_at(5000.05, owner=2)
+    assert clock.timer_near(0.1)
+    now[0] = 5000.06  # it fires; its key now asks for nothing
+    clock.notify_at(None, owner=2)
+    assert clock.timer_near(0.1)  # not forgotten until stale: the batch stays small a moment
+    now[0] += clock.STALE_S
+    assert not clock.timer_near(0.1)
+    now[0] = 5059.95
+    assert clock.timer_near(0.1)  # the other key's minute is up
+    now[0] = 5060.01
+    clock.expect(["r/0"])  # the input has not reached it: held back, rechecked soon
+    held = clock.notify_at(5060.0, owner=1)
+    assert held is not None and held.timestamp() == pytest.approx(now[0] + clock.RECHECK_S)
+    now[0] = 5061.0
+    assert not clock.timer_near(0.1)  # stale: its key did not ask again
+
+
 def test_input_clock_keeps_a_remote_watermark_until_a_later_commit_passes_it(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Under steady traffic another process's last commit is behind the watermark of the same

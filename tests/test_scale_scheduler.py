@@ -29,7 +29,7 @@ class _Clock:
     def now(self) -> float:
         return self.at
 
-    def notify_at(self, due: float | None) -> None:
+    def notify_at(self, due: float | None, owner: int | None = None) -> None:
         return None
 
 

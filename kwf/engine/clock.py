@@ -14,6 +14,8 @@ Interface (all a timer design needs; ``kwf.engine.flow`` and the thread/schedule
   time itself, or a short recheck while the input still holds that time back.
 - ``wake_by(t)``: a timer wants a callback by ``t``; a source idling in a bounded wait returns by
   then (``wait_s``).
+- ``timer_near(s)``: a timer wants a callback within ``s`` seconds; the sources then hand out
+  small batches (``kwf.engine.source.NEAR_TIMER_BATCH``).
 
 How partitions get reached times: a source reports ``expect(parts)`` for the partitions the
 whole input has, ``position(part, next_offset)`` as it hands records out, and the high
@@ -59,6 +61,8 @@ class InputClock:
     RECHECK_S = 0.002
     """How often a held-back timer looks again (instead of a busy loop): each look is one
     activation of its key, and a probe's answer is seen at the next look."""
+    STALE_S = 0.05
+    """A callback time passed by this much is done with (``timer_near``)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -69,6 +73,10 @@ class InputClock:
         self._pending: dict[str, deque[tuple[float, int]]] = {}
         self._unplaced: set[str] = set()
         """Partitions read here from their beginning that have handed out nothing yet."""
+        self._callbacks: dict[int, float] = {}
+        """Per timer key (its id): the callback time it asked Bytewax for (``timer_near``)."""
+        self._soonest = float("inf")
+        """At most the soonest of ``_callbacks`` (lower while a key's time moved later)."""
         self._wake_by: dict[int, float] = {}
         """Per worker thread: when its source's idle wait must end (its own timers)."""
         self._held = False
@@ -180,9 +188,12 @@ class InputClock:
             least = min(self._reached.get(p, _NEVER) for p in self._expected)
         return min(wall, least)
 
-    def notify_at(self, due: float | None) -> datetime | None:
-        """When Bytewax should call back for a timer due at ``due``."""
+    def notify_at(self, due: float | None, owner: int | None = None) -> datetime | None:
+        """When Bytewax should call back for a timer due at ``due``; ``owner`` (a key's id)
+        keeps that time for ``timer_near`` until the same owner asks again."""
         if due is None:
+            if owner is not None:
+                self._callbacks.pop(owner, None)
             return None
         wall = time.time()
         if due <= wall and due > self.now():
@@ -191,7 +202,25 @@ class InputClock:
             if self.on_held is not None:
                 self.on_held()
         self.wake_by(due)
+        if owner is not None:
+            self._callbacks[owner] = due
+            if due < self._soonest:
+                self._soonest = due
         return utc(due)
+
+    def timer_near(self, within: float) -> bool:
+        """Whether a timer of this process wants a callback within ``within`` seconds (a held
+        one every ``RECHECK_S``): the sources hand out small batches then, since a due timer
+        waits for the batch in hand. Times passed by ``STALE_S`` are done with."""
+        now = time.time()
+        if self._soonest < now - self.STALE_S:
+            with self._lock:
+                callbacks = self._callbacks
+                for owner, t in list(callbacks.items()):
+                    if t < now - self.STALE_S:
+                        del callbacks[owner]
+                self._soonest = min(callbacks.values(), default=float("inf"))
+        return self._soonest <= now + within
 
     def held(self) -> bool:
         """Whether a due timer was held back since the last call: the input needs a fresh probe."""

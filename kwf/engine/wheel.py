@@ -28,8 +28,8 @@ class TimerClock(Protocol):
         """The time up to which due timers may fire (the wall clock, held back by the input)."""
         ...
 
-    def notify_at(self, due: float | None) -> datetime | None:
-        """When Bytewax should call back for a timer due at ``due``."""
+    def notify_at(self, due: float | None, owner: int | None = None) -> datetime | None:
+        """When Bytewax should call back for a timer due at ``due`` (of the key ``owner``)."""
         ...
 
 
@@ -86,7 +86,8 @@ class DueLogic(op.StatefulLogic[V, Record, tuple[str, Any]], Generic[V, S]):
 
     @override
     def notify_at(self) -> datetime | None:
-        return self.clock.notify_at(self.state.wakeup()) if self.state is not None else None
+        due = self.state.wakeup() if self.state is not None else None
+        return self.clock.notify_at(due, id(self))
 
     @override
     def snapshot(self) -> tuple[str, Any]:
