@@ -7,7 +7,9 @@ reads (of every input step); messages are demultiplexed into per-partition buffe
 partition's ``next_batch`` only ever consumes with timeout 0. One partition per worker, the
 *waiter*, may block, and only when nothing was handed out since its last call and nothing is
 buffered: for at most ``IDLE_WAIT_S`` (less if a timer is due sooner, ``InputClock.wait_s``), so
-that timers and epochs keep moving, and it returns at once when a message arrives.
+that timers and epochs keep moving, and it returns at once when a message arrives. While another
+worker of the process hands out records it blocks ``BUSY_WAIT_S`` at most: what those records
+cause may be routed to it, and a worker blocked in Kafka sees nothing until its wait ends.
 
 Positions: a partition's Bytewax state is the next offset to read, exactly as ``KafkaSource``
 keeps it (same step ids, same partition names ``{index}-{topic}``), so a recovery store written
@@ -52,6 +54,11 @@ NEAR_TIMER_S = 0.1
 """How near a timer of the process makes batches small: more than a full batch takes."""
 IDLE_WAIT_S = 0.02
 """The longest an idle worker blocks in Kafka: bounds timer lateness and idle CPU (50 wakeups/s)."""
+BUSY_WAIT_S = 0.001
+"""The longest a worker blocks while another worker of its process handed out records in the
+last ``BUSY_S``: what those records cause may be routed to it, and a worker blocked in Kafka
+sees nothing another worker sends it until the wait ends."""
+BUSY_S = 0.05
 COMMIT_S = 0.02
 """How often moved positions are committed to the consumer group: the other processes' input
 clocks hold timers until a commit shows this process read past their due time."""
@@ -93,6 +100,8 @@ class _Shared:
         self.buffers: dict[tuple[str, int], deque[Message]] = {}
         self.waiter: tuple[str, int] | None = None
         self.handed = 0
+        self.busy_until = 0.0
+        """Until when this worker counts as busy for the others (``BUSY_S`` after handing out)."""
         self._next_commit = 0.0
         self._next_idle_commit = 0.0
         self._committed: dict[tuple[str, int], int | None] = {}
@@ -136,6 +145,19 @@ class _Shared:
 
     def idle(self) -> bool:
         return not any(self.buffers.values())
+
+    def wait_s(self) -> float:
+        """How long the waiter may block in Kafka this round: not at all if this worker handed
+        out records since its last round or holds some; ``BUSY_WAIT_S`` if another worker of the
+        process did within ``BUSY_S``; else until its next timer, at most ``IDLE_WAIT_S``."""
+        if self.handed or not self.idle():
+            return 0.0
+        wait = self.clock.wait_s(IDLE_WAIT_S)
+        if wait > BUSY_WAIT_S:
+            others = [o.busy_until for o in list(_by_thread.values()) if o is not self]
+            if others and time.monotonic() < max(others):
+                return BUSY_WAIT_S
+        return wait
 
     def commit(self, drain: bool = False) -> None:
         """Commit positions that moved (at most every ``COMMIT_S``), or all every
@@ -186,8 +208,7 @@ class _Partition(StatefulSourcePartition[Incoming, int]):
         if not self._buf:
             wait = 0.0
             if waiter:
-                if shared.handed == 0 and shared.idle():
-                    wait = shared.clock.wait_s(IDLE_WAIT_S)
+                wait = shared.wait_s()
                 shared.handed = 0
             shared.fill(wait)
             if not self._buf:
@@ -201,6 +222,7 @@ class _Partition(StatefulSourcePartition[Incoming, int]):
         out = [_incoming(topic, index, pop()) for _ in range(n)]
         self._next = out[-1].offset + 1
         shared.handed += n
+        shared.busy_until = time.monotonic() + BUSY_S
         shared.clock.position(self._name, self._next)
         return out
 
