@@ -193,7 +193,8 @@ class InputClock:
         keeps that time for ``timer_near`` until the same owner asks again."""
         if due is None:
             if owner is not None:
-                self._callbacks.pop(owner, None)
+                with self._lock:
+                    self._callbacks.pop(owner, None)
             return None
         wall = time.time()
         if due <= wall and due > self.now():
@@ -203,9 +204,10 @@ class InputClock:
                 self.on_held()
         self.wake_by(due)
         if owner is not None:
-            self._callbacks[owner] = due
-            if due < self._soonest:
-                self._soonest = due
+            with self._lock:
+                self._callbacks[owner] = due
+                if due < self._soonest:
+                    self._soonest = due
         return utc(due)
 
     def timer_near(self, within: float) -> bool:
