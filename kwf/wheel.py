@@ -62,15 +62,19 @@ class WheelState:
         return dict(self.entries)
 
     def on_arm(self, arm: Arm) -> None:
-        if arm.due is None:
-            self.entries.pop(arm.thread, None)
+        self.set(arm.thread, arm.due)
+
+    def set(self, key: str, due: float | None) -> None:
+        """``key``'s due time is now ``due`` (None: it has none)."""
+        if due is None:
+            self.entries.pop(key, None)
             return
-        if self.entries.get(arm.thread) == arm.due:
+        if self.entries.get(key) == due:
             return
-        self.entries[arm.thread] = arm.due
-        heapq.heappush(self._heap, (arm.due, arm.thread))
+        self.entries[key] = due
+        heapq.heappush(self._heap, (due, key))
         if len(self._heap) > 2 * len(self.entries) + 64:
-            self._heap = [(due, thread) for thread, due in self.entries.items()]
+            self._heap = [(t, k) for k, t in self.entries.items()]
             heapq.heapify(self._heap)
 
     def wakeup(self) -> float | None:
@@ -78,6 +82,15 @@ class WheelState:
         while heap and entries.get(heap[0][1]) != heap[0][0]:
             heapq.heappop(heap)
         return heap[0][0] if heap else None
+
+    def pop_due(self, now: float) -> tuple[float, str] | None:
+        """The soonest entry if it is due by ``now``, removed; else None."""
+        due = self.wakeup()
+        if due is None or due > now:
+            return None
+        _, key = heapq.heappop(self._heap)
+        del self.entries[key]
+        return due, key
 
     def on_timer(self, now: float, resume_topic: str) -> list[Record]:
         """The firing records of every entry due by ``now``, in due order.
@@ -87,8 +100,7 @@ class WheelState:
         next timers until the partition went quiet.
         """
         out: list[Record] = []
-        while (due := self.wakeup()) is not None and due <= now:
-            _, thread = heapq.heappop(self._heap)
-            del self.entries[thread]
+        while (entry := self.pop_due(now)) is not None:
+            due, thread = entry
             out.append(Record(resume_topic, thread, timer_value(due), (), now))
         return out

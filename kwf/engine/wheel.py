@@ -9,7 +9,6 @@ back for a due time, so that the clock's implementation can change without touch
 
 from __future__ import annotations
 
-import heapq
 from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -112,54 +111,38 @@ class WheelLogic(DueLogic[Arm, WheelState]):
 
 class ScheduleSlot:
     """The ``workflow-scheduler`` keys of one wheel slot (``ScheduleState`` each, the rules of
-    the scheduler), and a heap to find the soonest: one Bytewax wakeup for all of them."""
+    the scheduler), indexed by their soonest due time like a wheel slot's threads
+    (``WheelState``): one Bytewax wakeup for all of them."""
 
     def __init__(self, key: str, entries: dict[str, dict[str, float]] | None = None) -> None:
         self.key = key
         self.states = {k: ScheduleState(k, dict(e)) for k, e in (entries or {}).items()}
-        self._heap: list[tuple[float, str]] = []
-        for k in self.states:
-            self._push(k)
+        self._due = WheelState(key)
+        for k, state in self.states.items():
+            self._due.set(k, state.wakeup())
 
     def __bool__(self) -> bool:
         return bool(self.states)
-
-    def _push(self, key: str) -> None:
-        due = self.states[key].wakeup()
-        if due is not None:
-            heapq.heappush(self._heap, (due, key))
 
     def on_schedule(self, key: str, schedule: Schedule) -> None:
         state = self.states.get(key) or self.states.setdefault(key, ScheduleState(key))
         state.on_schedule(schedule)
         if not state.entries:
             del self.states[key]
-        else:
-            self._push(key)
-        if len(self._heap) > 2 * len(self.states) + 64:  # stale items: rebuild
-            self._heap = []
-            for k in self.states:
-                self._push(k)
+        self._due.set(key, state.wakeup())
 
     def wakeup(self) -> float | None:
-        heap = self._heap
-        while heap:
-            state = self.states.get(heap[0][1])
-            if state is not None and state.wakeup() == heap[0][0]:
-                return heap[0][0]
-            heapq.heappop(heap)
-        return None
+        return self._due.wakeup()
 
     def on_timer(self, now: float, resume_topic: str) -> list[Record]:
         out: list[Record] = []
-        while (due := self.wakeup()) is not None and due <= now:
-            _, key = heapq.heappop(self._heap)
-            state = self.states[key]
+        while (entry := self._due.pop_due(now)) is not None:
+            state = self.states[entry[1]]
             out += state.on_timer(now, resume_topic)
             if state.entries:
-                self._push(key)
+                self._due.set(state.key, state.wakeup())
             else:
-                del self.states[key]
+                del self.states[state.key]
         return out
 
     def dump(self) -> dict[str, dict[str, float]]:
