@@ -16,10 +16,10 @@ from pathlib import Path
 from kwf.journal import Journal, decode
 
 THREAD_STEP = "kwf.thread.stateful_batch"
+"""The recovery key of the per-thread step (flow id ``kwf``, step ``thread``)."""
 SETTLED = "kwf_snaps"
 """The engine's table of settled rows beside Bytewax's ``snaps`` (``kwf.engine.recovery``;
 the tools never import the engine)."""
-"""The recovery key of the per-thread step (flow id ``kwf``, step ``thread``)."""
 
 
 class StoreError(RuntimeError):
