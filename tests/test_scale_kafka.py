@@ -1,5 +1,6 @@
 """Many threads on a real broker: ``kill -9`` during a burst of timer firings and during a
-restart, with the threads settled out of Bytewax's table (``kwf.engine.recovery``), loses nothing (issue 13; ``bench/scale.py`` runs the big sizes)."""
+restart, with the threads settled out of Bytewax's table (``kwf.engine.recovery``), loses
+nothing (issue 13; ``bench/scale.py`` runs the big sizes)."""
 
 from __future__ import annotations
 

@@ -23,7 +23,8 @@ watermarks come from ``KafkaProbe`` (``ListOffsets`` requests, asynchronous, eve
 ``PROBE_S``); a probe started at ``t0`` answering ``high`` means every record in the partition at
 ``t0`` sits below ``high``. Partitions another process reads are known through the consumer
 group offsets every reader commits (with its commit time as metadata, so that offsets left by an
-earlier run do not count; a draining process marks its commits, and its peers drain too). A finite in-memory source (``run_flow``) reports ``reached`` directly.
+earlier run do not count; a draining process marks its commits, and its peers drain too). A
+finite in-memory source (``run_flow``) reports ``reached`` directly.
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ What a record means and what a thread does is decided by ``kwf.protocol.parse`` 
 ``kwf.thread`` (shared with ``kwf.testing.Engine``); this module only wires them into Bytewax:
 sources, a parse step that dead-letters what it refuses, one ``op.stateful`` logic per thread
 id, per timer wheel slot and per wheel slot of scheduler keys, wall-clock timers through
-``notify_at`` (on those slots only), and one sink for every output. Snapshots are our own bytes (or builtins), never objects pickled by module path, and a
-restored thread is not replayed until it has work. Step ids below are part of the recovery
-format: renaming one silently drops its state.
+``notify_at`` (on those slots only), and one sink for every output. Snapshots are our own
+bytes (or builtins), never objects pickled by module path, and a restored thread is not
+replayed until it has work. Step ids below are part of the recovery format: renaming one
+silently drops its state.
 """
 
 from __future__ import annotations

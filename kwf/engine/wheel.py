@@ -2,9 +2,10 @@
 
 Only these keys hold a Bytewax wakeup for durable timers and tombstone expiries, and the
 ``workflow-scheduler`` entries are held the same way (``ScheduleSlot``: the scheduler keys of
-one slot), so at most ``2 × SLOTS`` keys hold a wakeup however many threads and entries wait. The input clock is consumed through
-``TimerClock`` alone: the time up to which due timers may fire, and when Bytewax should call
-back for a due time, so that the clock's implementation can change without touching this.
+one slot), so at most ``2 × SLOTS`` keys hold a wakeup however many threads and entries wait.
+The input clock is consumed through ``TimerClock`` alone: the time up to which due timers may
+fire, and when Bytewax should call back for a due time, so that the clock's implementation can
+change without touching this.
 """
 
 from __future__ import annotations
